@@ -1,0 +1,162 @@
+"""
+The training/evaluation engine of ``train_net.py``, as library code so that other entry points
+(``make demo``, tests, user scripts) reuse the same ``Trainer`` and ``setup``.
+
+Everything is detectron2's ``DefaultTrainer`` except:
+  * ``build_evaluator`` returns a COCO evaluator (``focal_det.evaluation``);
+  * DistributedDataParallel is built by the overridable ``build_ddp_model``, which passes
+    ``device_ids=None`` for CPU models: detectron2's ``create_ddp_model`` always passes
+    ``device_ids=[local_rank]``, which PyTorch rejects for CPU modules, so multi-process CPU
+    training (gloo) could not start;
+  * ``setup`` falls back to ``MODEL.DEVICE = "cpu"`` with a warning when CUDA is absent, so the
+    paper configs (detectron2's default device is "cuda") can be evaluated or smoke-trained on CPU.
+"""
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import create_ddp_model as _d2_create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..config import add_focal_config
+from ..evaluation import build_coco_evaluator
+
+__all__ = ["Trainer", "setup", "main", "create_ddp_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+    """
+    detectron2's :func:`create_ddp_model` that also works for CPU models.
+
+    With more than one process, wraps ``model`` in DistributedDataParallel. detectron2 passes
+    ``device_ids=[local_rank]`` unconditionally; PyTorch requires ``device_ids=None`` for a
+    module whose parameters live on the CPU, so we pass that instead when the model is on CPU.
+    """
+    if comm.get_world_size() > 1 and "device_ids" not in kwargs:
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        kwargs["device_ids"] = [comm.get_local_rank()] if on_cuda else None
+    return _d2_create_ddp_model(model, fp16_compression=fp16_compression, **kwargs)
+
+
+class Trainer(DefaultTrainer):
+    """
+    detectron2's DefaultTrainer for FocalRetinaNet. Extend it as you would DefaultTrainer:
+    override ``build_hooks``, ``build_train_loader``, ``build_test_loader``, ``build_evaluator``,
+    ``build_model``, ``build_optimizer``, ``build_lr_scheduler`` or ``build_ddp_model``.
+    """
+
+    def __init__(self, cfg):
+        # Same as DefaultTrainer.__init__, but DDP goes through ``build_ddp_model`` (CPU-aware)
+        # instead of detectron2's module-level create_ddp_model, which we cannot override.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        # Assume these objects must be constructed in this order (as DefaultTrainer does).
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = self.build_ddp_model(cfg, model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+
+        self.register_hooks(self.build_hooks())
+
+    def train(self):
+        """
+        Run training.
+
+        Returns:
+            the results of the last evaluation (``TEST.EVAL_PERIOD``; at least the one after the
+            last iteration when the period is > 0), or None when evaluation is off.
+            DefaultTrainer returns them only when ``TEST.EXPECTED_RESULTS`` is set.
+        """
+        res = super().train()
+        return res if res is not None else getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_ddp_model(cls, cfg, model):
+        """
+        Returns:
+            the model wrapped in DistributedDataParallel when there is more than one process
+            (``broadcast_buffers=False`` as detectron2), else ``model`` itself.
+        """
+        return create_ddp_model(model, broadcast_buffers=False)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """
+        Returns:
+            a COCO evaluator (bbox AP) for ``dataset_name`` writing its results JSON to
+            ``output_folder`` (default ``OUTPUT_DIR/inference``).
+        """
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return build_coco_evaluator(cfg, dataset_name, output_folder)
+
+
+def setup(args):
+    """
+    Build the frozen config of a run from parsed command-line arguments (detectron2's
+    ``default_argument_parser``): detectron2 defaults -> focal_det keys -> ``args.config_file``
+    -> ``args.opts`` -> freeze -> ``default_setup`` (logging, config backup, seeding).
+    """
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("detectron2").warning(
+            "MODEL.DEVICE=%s but CUDA is not available: running on CPU instead.",
+            cfg.MODEL.DEVICE,
+        )
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args, trainer_cls=Trainer):
+    """
+    Train (``trainer.train()``) or, with ``args.eval_only``, evaluate ``MODEL.WEIGHTS`` on
+    ``DATASETS.TEST``. Call it through detectron2's ``launch`` for multi-process runs.
+
+    Returns:
+        the evaluation results (dict) on the main process (None when training without
+        evaluation).
+    """
+    cfg = setup(args)
+    if args.eval_only:
+        model = trainer_cls.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = trainer_cls.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
