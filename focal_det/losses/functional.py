@@ -1,0 +1,444 @@
+"""
+The losses of the paper as pure functions, fused with the sigmoid and with the closed-form
+gradients of Appendix B.
+
+Notation (PAPER.md, "Losses"): per anchor and class, ``x`` is the logit, ``y`` = +1 for the
+positive class and -1 otherwise, ``x_t = y * x``, ``p_t = sigmoid(x_t)``, ``alpha_t`` = alpha for
+positives and 1 - alpha for negatives (1 when alpha < 0, as in fvcore).
+
+* FL  = alpha_t (1 - p_t)^gamma (-log p_t),
+  dFL/dx = y alpha_t (1 - p_t)^gamma (gamma p_t log p_t + p_t - 1)
+* FL* = alpha_t (-log sigmoid(gamma x_t + beta)) / gamma,  dFL*/dx = y alpha_t (p*_t - 1)
+* alpha-balanced CE = FL with gamma = 0 (the same code: "FL at gamma 0 is CE" holds bit for bit).
+
+Two ways to give the targets:
+
+* dense, drop-in compatible with ``fvcore.nn.sigmoid_focal_loss``: ``targets`` has the shape of
+  ``inputs`` and holds 0 / 1 (a target is positive where it is > 0.5; soft targets are not
+  supported, use fvcore for those);
+* from labels (the detector's path): ``labels`` (M,) int64, a class in [0, K), K = background,
+  -1 = ignored. The (M, K) one-hot target is never materialised: the comparison
+  ``label == class`` happens inside the fused kernel.
+
+Every loss is a :class:`torch.autograd.Function`: the forward pass reads the logits once and
+saves only the inputs it was given (logits and targets / labels, no intermediate tensor); the
+backward pass recomputes ``p_t`` from them and writes the Appendix-B gradient in one pass. All
+arithmetic is done in float32 (float64 stays float64, for gradcheck); the gradient comes back in
+the logits' dtype.
+
+Implementations (``impl``): ``"eager"`` (plain PyTorch ops), ``"compiled"`` (the same functions
+through ``torch.compile``: one fused loop forward, one fused loop backward) and ``"auto"``
+(compiled for float16/bfloat16/float32 tensors of at least ``AUTO_COMPILE_MIN_NUMEL`` elements
+when torch.compile works here, eager otherwise). They run the same formulas, so values agree to
+float rounding (tested).
+"""
+import logging
+import threading
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_star",
+    "balanced_sigmoid_ce",
+    "sigmoid_loss_from_labels",
+    "per_anchor_ce_from_labels",
+    "AUTO_COMPILE_MIN_NUMEL",
+    "IMPLS",
+]
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "compiled", "eager")
+# Below this many elements the compiled kernel is not worth its guard checks (and the test
+# suite, which uses small tensors, never triggers a compilation unless it asks for one).
+AUTO_COMPILE_MIN_NUMEL = 1 << 16
+_COMPILABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise math (shared by every implementation). ``pos`` is a bool tensor broadcastable to
+# ``x``: True where the target is the positive class.
+# ---------------------------------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _pt_parts(x: torch.Tensor, pos: torch.Tensor):
+    """
+    Stable pieces of the binary sigmoid loss, from one exp and one log1p.
+
+    Returns (ce, p_t, q) with ce = -log p_t and q = 1 - p_t, all finite for any finite x.
+    """
+    z = torch.where(pos, x, -x)  # x_t
+    e = torch.exp(-x.abs())  # in (0, 1]: no overflow whatever |x|
+    r = 1.0 / (1.0 + e)  # sigmoid(|x|)
+    er = e * r  # sigmoid(-|x|), computed without the cancellation of 1 - sigmoid(|x|)
+    nonneg = z >= 0
+    p_t = torch.where(nonneg, r, er)
+    q = torch.where(nonneg, er, r)
+    ce = torch.clamp(-z, min=0.0) + torch.log1p(e)  # softplus(-x_t) = -log p_t
+    return ce, p_t, q
+
+
+def _alpha_t(pos: torch.Tensor, alpha: float):
+    return torch.where(pos, alpha, 1.0 - alpha)
+
+
+def _focal_value(x, pos, alpha: float, gamma: float):
+    ce, _, q = _pt_parts(x, pos)
+    loss = ce if gamma == 0 else ce * q.pow(gamma)
+    return loss if alpha < 0 else loss * _alpha_t(pos, alpha)
+
+
+def _focal_grad(x, pos, alpha: float, gamma: float):
+    # Appendix B: y (1 - p_t)^gamma (gamma p_t log p_t + p_t - 1) = -y q^gamma (gamma p_t ce + q)
+    ce, p_t, q = _pt_parts(x, pos)
+    if gamma == 0:
+        g = q  # dCE/dx = y (p_t - 1)
+    else:
+        g = q.pow(gamma) * (gamma * p_t * ce + q)
+    g = torch.where(pos, -g, g)
+    return g if alpha < 0 else g * _alpha_t(pos, alpha)
+
+
+def _star_value(x, pos, alpha: float, gamma: float, beta: float):
+    z = torch.where(pos, x, -x)
+    s = gamma * z + beta  # x*_t; FL* = softplus(-x*_t) / gamma
+    loss = (torch.clamp(-s, min=0.0) + torch.log1p(torch.exp(-s.abs()))) / gamma
+    return loss if alpha < 0 else loss * _alpha_t(pos, alpha)
+
+
+def _star_grad(x, pos, alpha: float, gamma: float, beta: float):
+    # Appendix B: dFL*/dx = y (p*_t - 1) = -y sigmoid(-x*_t)
+    z = torch.where(pos, x, -x)
+    s = gamma * z + beta
+    e = torch.exp(-s.abs())
+    r = 1.0 / (1.0 + e)
+    q = torch.where(s >= 0, e * r, r)  # 1 - p*_t
+    g = torch.where(pos, -q, q)
+    return g if alpha < 0 else g * _alpha_t(pos, alpha)
+
+
+def _value(kind, x, pos, alpha, gamma, beta):
+    if kind == "focal":
+        return _focal_value(x, pos, alpha, gamma)
+    return _star_value(x, pos, alpha, gamma, beta)
+
+
+def _grad(kind, x, pos, alpha, gamma, beta):
+    if kind == "focal":
+        return _focal_grad(x, pos, alpha, gamma)
+    return _star_grad(x, pos, alpha, gamma, beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: one forward and one backward function per (target mode, kind). Written so that
+# torch.compile turns each into a single loop; the eager implementation calls them as they are.
+# ---------------------------------------------------------------------------------------------
+def _dense_pos(targets):
+    return targets > 0.5
+
+
+def _label_pos_valid(labels, num_classes: int, device):
+    # (M, 1) == (1, K) broadcasts inside the kernel: no (M, K) one-hot in memory when compiled.
+    classes = torch.arange(num_classes, device=device)
+    lab = labels.unsqueeze(1)
+    return lab == classes, lab >= 0
+
+
+def _dense_forward(x, targets, kind, alpha, gamma, beta, reduction):
+    xc = x.to(_compute_dtype(x))
+    loss = _value(kind, xc, _dense_pos(targets), alpha, gamma, beta)
+    if reduction == "none":
+        return loss.to(x.dtype)
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def _dense_backward(x, targets, grad_out, kind, alpha, gamma, beta):
+    xc = x.to(_compute_dtype(x))
+    g = _grad(kind, xc, _dense_pos(targets), alpha, gamma, beta)
+    return (g * grad_out).to(x.dtype)
+
+
+def _label_forward(x, labels, kind, alpha, gamma, beta, reduction):
+    xc = x.to(_compute_dtype(x))
+    pos, valid = _label_pos_valid(labels, x.shape[1], x.device)
+    loss = torch.where(valid, _value(kind, xc, pos, alpha, gamma, beta), 0.0)
+    if reduction == "none":
+        return loss.to(x.dtype)
+    if reduction == "anchor":  # per-anchor sum over classes (OHEM's ranking score)
+        return loss.sum(1)
+    return loss.sum()
+
+
+def _label_backward(x, labels, grad_out, kind, alpha, gamma, beta):
+    xc = x.to(_compute_dtype(x))
+    pos, valid = _label_pos_valid(labels, x.shape[1], x.device)
+    g = torch.where(valid, _grad(kind, xc, pos, alpha, gamma, beta) * grad_out, 0.0)
+    return g.to(x.dtype)
+
+
+_KERNELS = {
+    ("dense", "fwd"): _dense_forward,
+    ("dense", "bwd"): _dense_backward,
+    ("label", "fwd"): _label_forward,
+    ("label", "bwd"): _label_backward,
+}
+
+_compiled_cache: Dict[Tuple, Callable] = {}
+_compiled_lock = threading.Lock()
+_compile_broken: Optional[str] = None
+
+
+def _get_compiled(mode: str, direction: str, kind, alpha, gamma, beta, extra):
+    """
+    One compiled function per (mode, direction, loss parameters). The loss parameters are baked
+    in as constants (so gamma = 2 becomes a multiply instead of a pow); the tensor sizes are
+    dynamic, so one compilation serves every anchor count and class count.
+    """
+    key = (mode, direction, kind, alpha, gamma, beta, extra)
+    fn = _compiled_cache.get(key)
+    if fn is None:
+        with _compiled_lock:
+            fn = _compiled_cache.get(key)
+            if fn is None:
+                base = _KERNELS[(mode, direction)]
+                if direction == "fwd":
+
+                    def kernel(x, t):
+                        return base(x, t, kind, alpha, gamma, beta, extra)
+
+                else:
+
+                    def kernel(x, t, g):
+                        return base(x, t, g, kind, alpha, gamma, beta)
+
+                fn = torch.compile(kernel, dynamic=True, fullgraph=True)
+                _compiled_cache[key] = fn
+    return fn
+
+
+def compile_available() -> bool:
+    """Whether torch.compile produced a working kernel in this process (False after a failure)."""
+    return _compile_broken is None
+
+
+def _resolve_impl(impl: str, x: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(
+            f"impl={impl!r} is not one of {IMPLS} (config key MODEL.FOCAL.LOSS.IMPL)."
+        )
+    if impl == "eager" or x.numel() == 0:
+        return "eager"  # size-0 tensors would each cost a specialised compilation
+    if impl == "compiled":
+        if _compile_broken is not None:
+            raise RuntimeError(
+                "MODEL.FOCAL.LOSS.IMPL='compiled' but torch.compile failed earlier in this "
+                f"process ({_compile_broken}); use 'auto' or 'eager'."
+            )
+        return "compiled"
+    # auto
+    if (
+        _compile_broken is None
+        and x.dtype in _COMPILABLE_DTYPES
+        and x.numel() >= AUTO_COMPILE_MIN_NUMEL
+        and not torch.jit.is_scripting()
+    ):
+        return "compiled"
+    return "eager"
+
+
+def _run(impl, strict, mode, direction, kind, alpha, gamma, beta, extra, *tensors):
+    global _compile_broken
+    if impl == "compiled":
+        try:
+            fn = _get_compiled(mode, direction, kind, alpha, gamma, beta, extra)
+            return fn(*tensors), "compiled"
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+            if _compile_broken is None:
+                _compile_broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                logger.warning("torch.compile of the fused loss failed (%s); using eager.", e)
+            if strict:  # the user asked for "compiled": say so rather than fall back
+                raise
+    base = _KERNELS[(mode, direction)]
+    if direction == "fwd":
+        return base(*tensors, kind, alpha, gamma, beta, extra), "eager"
+    return base(*tensors, kind, alpha, gamma, beta), "eager"
+
+
+class _FusedSigmoidLoss(torch.autograd.Function):
+    """
+    Forward: loss from (logits, targets-or-labels) in one pass. Backward: the Appendix-B
+    gradient in one pass, recomputed from the saved logits and targets (nothing else is saved).
+    """
+
+    @staticmethod
+    def forward(ctx, x, t, mode, kind, alpha, gamma, beta, reduction, impl):
+        strict = impl == "compiled"
+        impl = _resolve_impl(impl, x)
+        out, impl = _run(impl, strict, mode, "fwd", kind, alpha, gamma, beta, reduction, x, t)
+        ctx.save_for_backward(x, t)
+        ctx.params = (mode, kind, alpha, gamma, beta, reduction, impl, strict)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, t = ctx.saved_tensors
+        mode, kind, alpha, gamma, beta, reduction, impl, strict = ctx.params
+        g = grad_out.to(_compute_dtype(x))
+        if reduction == "mean":
+            g = g / max(x.numel(), 1)
+        grad, _ = _run(impl, strict, mode, "bwd", kind, alpha, gamma, beta, None, x, t, g)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {_REDUCTIONS}.")
+
+
+def _dense(inputs, targets, kind, alpha, gamma, beta, reduction, impl):
+    _check_reduction(reduction)
+    if inputs.shape != targets.shape:
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same "
+            "shape (targets are 0/1 floats; for integer labels use sigmoid_loss_from_labels)."
+        )
+    return _FusedSigmoidLoss.apply(
+        inputs, targets, "dense", kind, float(alpha), float(gamma), float(beta), reduction, impl
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional API
+# ---------------------------------------------------------------------------------------------
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """
+    FL (Sec 3.2), drop-in for ``fvcore.nn.sigmoid_focal_loss`` (same signature and values).
+
+    Args:
+        inputs: (*) logits, any float dtype.
+        targets: (*) same shape, 0/1 (float or bool): 1 for the positive class.
+        alpha: weight of positives in [0, 1]; negatives get 1 - alpha. < 0: no weighting.
+        gamma: focusing parameter >= 0 (0 gives alpha-balanced CE).
+        reduction: "none" (per element, in the dtype of ``inputs``), "mean" or "sum" (float32
+            scalars, float64 for float64 inputs: a float16 sum of 10^7 terms would overflow).
+        impl: "auto" / "compiled" / "eager" (see the module docstring).
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma={gamma} must be >= 0 for the focal loss.")
+    return _dense(inputs, targets, "focal", alpha, gamma, 0.0, reduction, impl)
+
+
+def sigmoid_focal_loss_star(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    gamma: float,
+    beta: float,
+    alpha: float = -1,
+    reduction: str = "none",
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """
+    FL* (Appendix A): ``-log(sigmoid(gamma * x_t + beta)) / gamma``, alpha_t-weighted when
+    ``alpha >= 0``. Unlike fvcore's version (which has no beta), both parameters are free;
+    with ``beta = 0`` it equals fvcore's ``sigmoid_focal_loss_star(inputs, targets, alpha, gamma)``.
+
+    Args: as :func:`sigmoid_focal_loss`; ``gamma > 0`` (steepness), ``beta`` (shift).
+    """
+    if not gamma > 0:
+        raise ValueError(f"gamma={gamma} must be > 0 for FL* (it divides the loss).")
+    return _dense(inputs, targets, "star", alpha, gamma, beta, reduction, impl)
+
+
+def balanced_sigmoid_ce(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    reduction: str = "none",
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """
+    alpha-balanced sigmoid CE (Sec 3.1): ``-alpha_t log(p_t)``; plain CE when ``alpha < 0``.
+    It is FL with gamma = 0, computed by the same code.
+
+    Args: as :func:`sigmoid_focal_loss`.
+    """
+    return _dense(inputs, targets, "focal", alpha, 0.0, 0.0, reduction, impl)
+
+
+def sigmoid_loss_from_labels(
+    pred_logits: torch.Tensor,
+    gt_labels: torch.Tensor,
+    *,
+    loss: str = "focal",
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    beta: float = 0.0,
+    reduction: str = "sum",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """
+    The detector's entry point: a sigmoid loss from integer labels, never building a one-hot.
+
+    Args:
+        pred_logits: (..., K) logits, any float dtype (e.g. (N, R, K)).
+        gt_labels: (...) int64 labels matching the leading dims: a class in [0, K), K for
+            background (all K targets negative), -1 for ignored (contributes nothing, no gradient).
+        loss: "focal" (FL; gamma = 0 is alpha-balanced CE, and alpha < 0 plain CE) or "star" (FL*).
+        alpha, gamma, beta: the loss parameters (beta only for FL*).
+        reduction: "sum" (float32 scalar, float64 for float64 logits), or "none" ((..., K),
+            zero for ignored anchors, in the logits' dtype).
+        impl: "auto" / "compiled" / "eager".
+    """
+    if loss not in ("focal", "star"):
+        raise ValueError(f"loss={loss!r} must be 'focal' or 'star'.")
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction={reduction!r} must be 'sum' or 'none' for label inputs.")
+    if gt_labels.shape != pred_logits.shape[:-1]:
+        raise ValueError(
+            f"gt_labels {tuple(gt_labels.shape)} must match pred_logits {tuple(pred_logits.shape)} "
+            "without its last (class) dimension."
+        )
+    if loss == "focal" and gamma < 0:
+        raise ValueError(f"gamma={gamma} must be >= 0 for the focal loss.")
+    if loss == "star" and not gamma > 0:
+        raise ValueError(f"gamma={gamma} must be > 0 for FL*.")
+    K = pred_logits.shape[-1]
+    x = pred_logits.reshape(-1, K)
+    labels = gt_labels.reshape(-1).to(torch.int64)
+    out = _FusedSigmoidLoss.apply(
+        x, labels, "label", loss, float(alpha), float(gamma), float(beta), reduction, impl
+    )
+    return out.reshape(pred_logits.shape) if reduction == "none" else out
+
+
+@torch.no_grad()
+def per_anchor_ce_from_labels(
+    pred_logits: torch.Tensor, gt_labels: torch.Tensor, *, impl: str = "auto"
+) -> torch.Tensor:
+    """
+    (..., K) logits, (...) labels -> (...) plain sigmoid CE summed over the K classes, float32
+    (0 for ignored anchors). No gradient: OHEM uses it only to rank anchors.
+    """
+    K = pred_logits.shape[-1]
+    x = pred_logits.reshape(-1, K)
+    labels = gt_labels.reshape(-1).to(torch.int64)
+    strict = impl == "compiled"
+    out, _ = _run(
+        _resolve_impl(impl, x), strict, "label", "fwd", "focal", -1.0, 0.0, 0.0, "anchor", x, labels
+    )
+    return out.float().reshape(gt_labels.shape)

@@ -1,0 +1,388 @@
+"""
+Tests of focal_det.losses: closed forms (PAPER.md, Appendix B) in float64, fvcore equality in
+float32, stability, label-based == one-hot, the registered modules and OHEM's selection.
+All tensors are small; the compiled path is exercised in tests/test_losses_compiled.py only.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+from fvcore.nn import sigmoid_focal_loss as fv_focal
+from fvcore.nn import sigmoid_focal_loss_star as fv_focal_star
+
+import focal_det
+from focal_det.losses import (
+    balanced_sigmoid_ce,
+    build_classification_loss,
+    select_ohem_anchors,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_star,
+    sigmoid_loss_from_labels,
+)
+
+
+def _data(n=40, k=5, dtype=torch.float64, scale=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, k, generator=g) * scale).to(dtype)
+    t = (torch.rand(n, k, generator=g) < 0.3).to(dtype)
+    return x, t
+
+
+# --- closed forms, written straight from PAPER.md with p_t from an explicit sigmoid -----------
+def _closed_form(x, t, alpha, gamma, kind="fl", beta=0.0):
+    y = 2 * t - 1
+    p = torch.sigmoid(x)
+    p_t = torch.where(t > 0.5, p, 1 - p)
+    a_t = torch.ones_like(x) if alpha < 0 else torch.where(t > 0.5, alpha, 1 - alpha)
+    if kind == "fl":
+        loss = -a_t * (1 - p_t) ** gamma * torch.log(p_t)
+        grad = a_t * y * (1 - p_t) ** gamma * (gamma * p_t * torch.log(p_t) + p_t - 1)
+    else:  # FL*
+        ps = torch.sigmoid(gamma * y * x + beta)
+        loss = -a_t * torch.log(ps) / gamma
+        grad = a_t * y * (ps - 1)
+    return loss, grad
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.75, -1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
+def test_focal_matches_closed_form_values_and_appendix_b_gradient(alpha, gamma):
+    x, t = _data(scale=3.0)
+    x.requires_grad_()
+    loss = sigmoid_focal_loss(x, t, alpha, gamma, "none")
+    ref, ref_grad = _closed_form(x.detach(), t, alpha, gamma)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    loss.sum().backward()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma,beta", [(2.0, 1.0), (4.0, 0.0), (1.0, -0.5)])
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_focal_star_matches_closed_form(gamma, beta, alpha):
+    x, t = _data(scale=3.0, seed=1)
+    x.requires_grad_()
+    loss = sigmoid_focal_loss_star(x, t, gamma, beta, alpha, "none")
+    ref, ref_grad = _closed_form(x.detach(), t, alpha, gamma, "star", beta)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    loss.sum().backward()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.9, -1.0])
+def test_balanced_ce_closed_form_and_plain_ce(alpha):
+    x, t = _data(seed=2)
+    x.requires_grad_()
+    loss = balanced_sigmoid_ce(x, t, alpha, "sum")
+    ref, ref_grad = _closed_form(x.detach(), t, alpha, 0.0)
+    torch.testing.assert_close(loss, ref.sum(), rtol=1e-10, atol=0)
+    loss.backward()
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-9, atol=1e-12)
+    if alpha < 0:  # alpha < 0: unweighted, i.e. PyTorch's BCE with logits
+        bce = F.binary_cross_entropy_with_logits(x.detach(), t, reduction="sum")
+        torch.testing.assert_close(loss.detach(), bce, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 1.0), (0.5, 0.5)])
+def test_focal_equals_fvcore_float32(alpha, gamma, reduction):
+    x, t = _data(n=200, k=9, dtype=torch.float32, scale=5.0, seed=3)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = sigmoid_focal_loss(x1, t, alpha, gamma, reduction)
+    ref = fv_focal(x2, t, alpha, gamma, reduction)
+    torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-6)
+    (ours.sum()).backward()
+    (ref.sum()).backward()
+    # fvcore differentiates (1 - p_t)^gamma through autograd: NaN where 1 - p_t underflows to 0
+    # and gamma < 1. Ours is the closed form, finite everywhere.
+    assert torch.isfinite(x1.grad).all()
+    ok = torch.isfinite(x2.grad)
+    assert ok.float().mean() > 0.99
+    torch.testing.assert_close(x1.grad[ok], x2.grad[ok], rtol=1e-4, atol=1e-6)
+
+
+def test_focal_star_beta0_equals_fvcore():
+    x, t = _data(n=100, k=4, dtype=torch.float32, seed=4)
+    for alpha, gamma in [(-1.0, 1.0), (0.25, 2.0)]:
+        ours = sigmoid_focal_loss_star(x, t, gamma, 0.0, alpha, "none")
+        torch.testing.assert_close(ours, fv_focal_star(x, t, alpha, gamma, "none"))
+
+
+def test_gamma_zero_is_ce_exactly():
+    x, t = _data(dtype=torch.float32, seed=5)
+    for alpha in (0.25, -1.0):
+        fl = sigmoid_focal_loss(x, t, alpha, 0.0, "none")
+        ce = balanced_sigmoid_ce(x, t, alpha, "none")
+        assert torch.equal(fl, ce)
+    # float64 reference: float32 BCE-with-logits loses relative precision on tiny losses
+    bce = F.binary_cross_entropy_with_logits(x.double(), t.double(), reduction="none")
+    torch.testing.assert_close(sigmoid_focal_loss(x, t, -1.0, 0.0).double(), bce, rtol=1e-6, atol=0)
+
+
+def test_figure1_ratios():
+    # p_t = 0.9 -> FL(gamma 2) is 100x less than CE; p_t ~ 0.968 -> ~1000x.
+    for p_t, ratio in [(0.9, 100.0), (1 - 1 / math.sqrt(1000), 1000.0)]:
+        x = torch.tensor([math.log(p_t / (1 - p_t))], dtype=torch.float64)
+        t = torch.ones_like(x)
+        ce = balanced_sigmoid_ce(x, t, -1.0)
+        fl = sigmoid_focal_loss(x, t, -1.0, 2.0)
+        torch.testing.assert_close(ce / fl, torch.tensor([ratio], dtype=torch.float64))
+    assert abs((1 - 1 / math.sqrt(1000)) - 0.968) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("which", ["fl", "star", "ce"])
+def test_extreme_logits_are_finite(dtype, which):
+    x = torch.tensor([[1e4, -1e4, 1e4, -1e4, 0.0]], dtype=dtype, requires_grad=True)
+    t = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]], dtype=dtype)
+    if which == "fl":
+        loss = sigmoid_focal_loss(x, t, 0.25, 2.0, "none")
+    elif which == "star":
+        loss = sigmoid_focal_loss_star(x, t, 2.0, 1.0, 0.25, "none")
+    else:
+        loss = balanced_sigmoid_ce(x, t, 0.25, "none")
+    loss.float().sum().backward()
+    assert loss.dtype == dtype and x.grad.dtype == dtype
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    # confidently right: ~0 loss; confidently wrong: loss ~ alpha_t * |x| (times 1/gamma for FL*)
+    assert loss[0, 0].item() == 0 and loss[0, 3].item() == 0
+    assert loss[0, 1].float().item() > 100 and loss[0, 2].float().item() > 100
+
+
+def test_label_based_equals_one_hot_and_ignores():
+    g = torch.Generator().manual_seed(6)
+    N, R, K = 2, 30, 6
+    x = torch.randn(N, R, K, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(-1, K + 1, (N, R), generator=g)
+    valid = labels >= 0
+    onehot = F.one_hot(labels.clamp(min=0), K + 1)[..., :K].to(x.dtype)
+    cases = [
+        (dict(loss="focal", alpha=0.25, gamma=2.0),
+         lambda a, b: sigmoid_focal_loss(a, b, 0.25, 2.0, "sum")),
+        (dict(loss="focal", alpha=-1.0, gamma=0.0),
+         lambda a, b: balanced_sigmoid_ce(a, b, -1.0, "sum")),
+        (dict(loss="star", alpha=0.25, gamma=2.0, beta=1.0),
+         lambda a, b: sigmoid_focal_loss_star(a, b, 2.0, 1.0, 0.25, "sum")),
+    ]
+    for kwargs, ref_fn in cases:
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = sigmoid_loss_from_labels(x1, labels, **kwargs)
+        ref = ref_fn(x2[valid], onehot[valid])
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        ours.backward()
+        ref.backward()
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+        assert (x1.grad[~valid] == 0).all()  # ignored anchors: no loss, no gradient
+
+
+def test_ignored_labels_contribute_nothing():
+    x = torch.randn(1, 4, 3, dtype=torch.float64)
+    labels = torch.tensor([[0, 3, -1, 2]])
+    base = sigmoid_loss_from_labels(x, labels)
+    x2 = x.clone()
+    x2[0, 2] = 1e3  # the ignored anchor's logits do not matter
+    assert sigmoid_loss_from_labels(x2, labels) == base
+    per_elem = sigmoid_loss_from_labels(x, labels, reduction="none")
+    assert (per_elem[0, 2] == 0).all()
+    all_ignored = sigmoid_loss_from_labels(x, torch.full_like(labels, -1))
+    assert all_ignored.item() == 0
+
+
+@pytest.mark.parametrize("fn", ["fl", "star", "ce", "labels"])
+def test_empty_inputs_give_zero_loss_with_gradient(fn):
+    x = torch.zeros(0, 80, requires_grad=True)
+    t = torch.zeros(0, 80)
+    if fn == "fl":
+        loss = sigmoid_focal_loss(x, t, reduction="sum")
+    elif fn == "star":
+        loss = sigmoid_focal_loss_star(x, t, 2.0, 1.0, reduction="sum")
+    elif fn == "ce":
+        loss = balanced_sigmoid_ce(x, t, 0.25, reduction="sum")
+    else:
+        loss = sigmoid_loss_from_labels(x, torch.zeros(0, dtype=torch.int64))
+    assert loss.item() == 0 and loss.requires_grad
+    loss.backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_gradcheck_float64_every_loss():
+    x, t = _data(n=6, k=3, seed=7)
+    x.requires_grad_()
+    labels = torch.tensor([0, 3, -1, 2, 1, 3])
+    checks = [
+        lambda a: sigmoid_focal_loss(a, t, 0.25, 2.0, "none"),
+        lambda a: sigmoid_focal_loss(a, t, -1, 0.5, "mean"),
+        lambda a: sigmoid_focal_loss_star(a, t, 2.0, 1.0, 0.25, "sum"),
+        lambda a: balanced_sigmoid_ce(a, t, 0.75, "none"),
+        lambda a: sigmoid_loss_from_labels(a, labels, loss="focal", alpha=0.25, gamma=2.0),
+        lambda a: sigmoid_loss_from_labels(a, labels, loss="star", gamma=4.0, beta=0.0,
+                                           reduction="none"),
+        lambda a: sigmoid_loss_from_labels(a, labels, loss="focal", alpha=-1, gamma=0.0),
+    ]
+    for fn in checks:
+        assert torch.autograd.gradcheck(fn, (x,))
+
+
+# --- registered modules ----------------------------------------------------------------------
+def _cfg(name, **over):
+    cfg = get_cfg()
+    focal_det.add_focal_config(cfg)
+    cfg.MODEL.FOCAL.LOSS.NAME = name
+    cfg.MODEL.RETINANET.NUM_CLASSES = 5
+    for k, v in over.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+def _anchors(R, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(R, 2, generator=g) * 200
+    wh = 10 + torch.rand(R, 2, generator=g) * 40
+    return torch.cat([xy, xy + wh], 1)
+
+
+def test_registered_modules_match_functional():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 20, 5, generator=g)
+    labels = torch.randint(-1, 6, (2, 20), generator=g)
+    anchors = _anchors(20)
+    expect = {
+        "FocalLoss": sigmoid_loss_from_labels(x, labels, alpha=0.25, gamma=2.0),
+        "FocalLossStar": sigmoid_loss_from_labels(x, labels, loss="star", alpha=0.25,
+                                                  gamma=2.0, beta=1.0),
+        "BalancedCE": sigmoid_loss_from_labels(x, labels, alpha=0.25, gamma=0.0),
+    }
+    for name, ref in expect.items():
+        out = build_classification_loss(_cfg(name))(x, labels, anchors)
+        assert out.normalizer is None and out.box_mask is None
+        assert out.loss.dtype == torch.float32
+        torch.testing.assert_close(out.loss, ref)
+
+
+@pytest.mark.parametrize(
+    "name,key,value",
+    [
+        ("FocalLoss", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", -1.0),
+        ("FocalLoss", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", 1.5),
+        ("FocalLossStar", "MODEL.FOCAL.LOSS.STAR_GAMMA", 0.0),
+        ("FocalLossStar", "MODEL.FOCAL.LOSS.STAR_GAMMA", -2.0),
+        ("OHEM", "MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE", 0),
+        ("OHEM", "MODEL.FOCAL.OHEM.POSITIVE_FRACTION", 1.5),
+        ("OHEM", "MODEL.FOCAL.OHEM.POSITIVE_FRACTION", -0.5),
+        ("OHEM", "MODEL.FOCAL.OHEM.NMS_THRESH", 0.0),
+        ("FocalLoss", "MODEL.FOCAL.LOSS.IMPL", "fast"),
+    ],
+)
+def test_bad_config_fails_at_build_naming_the_key(name, key, value):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_classification_loss(_cfg(name, **{key: value}))
+
+
+def test_valid_edge_configs_build():
+    build_classification_loss(_cfg("OHEM", **{"MODEL.FOCAL.OHEM.POSITIVE_FRACTION": 0.0}))
+    build_classification_loss(_cfg("OHEM", **{"MODEL.FOCAL.OHEM.POSITIVE_FRACTION": 1.0}))
+    build_classification_loss(_cfg("FocalLoss", **{"MODEL.RETINANET.FOCAL_LOSS_GAMMA": 0.0}))
+
+
+def test_unknown_name_lists_all_registered():
+    with pytest.raises(KeyError) as e:
+        build_classification_loss(_cfg("Hinge"))
+    for name in ("FocalLoss", "FocalLossStar", "BalancedCE", "OHEM", "Hinge"):
+        assert name in str(e.value)
+
+
+# --- OHEM ------------------------------------------------------------------------------------
+def _ohem_case(N=2, R=400, K=5, pos_every=4, seed=9):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, R, K, generator=g) * 2
+    labels = torch.full((N, R), K)
+    labels[:, ::pos_every] = torch.randint(0, K, (N, R // pos_every), generator=g)
+    labels[:, 1::17] = -1
+    return x, labels, _anchors(R, seed)
+
+
+@pytest.mark.parametrize("B", [16, 32])
+def test_ohem_picks_exactly_B_per_image_no_ratio(B):
+    x, labels, anchors = _ohem_case()
+    cfg = _cfg("OHEM", **{"MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE": B,
+                          "MODEL.FOCAL.OHEM.NMS_THRESH": 0.7})
+    out = build_classification_loss(cfg)(x.requires_grad_(), labels, anchors)
+    sel = out.box_mask  # selected foreground only
+    assert out.normalizer == 2 * B
+    assert out.stats["ohem_num_selected"] == B
+    # the loss is plain CE over exactly the selected anchors
+    scores = F.binary_cross_entropy_with_logits(
+        x.detach(), F.one_hot(labels.clamp(min=0), 6)[..., :5].float(), reduction="none"
+    ).sum(-1)
+    scores[labels < 0] = 0
+    selected = select_ohem_anchors(scores, labels, anchors, 5, B, 0.7, -1.0)
+    assert selected.sum(1).tolist() == [B, B]
+    assert not (selected & (labels < 0)).any()
+    assert torch.equal(sel, selected & (labels != 5))
+    torch.testing.assert_close(out.loss, scores[selected].sum(), rtol=1e-5, atol=1e-4)
+    out.loss.backward()
+    assert (x.grad[~selected] == 0).all() and (x.grad[selected] != 0).any(-1).all()
+
+
+def _reference_ohem(scores, labels, anchors, K, B, thresh, frac):
+    """Brute force: full NMS per (image, group), then the selection rule of the docstring."""
+    from torchvision.ops import batched_nms
+
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    for i in range(labels.shape[0]):
+        lab, s = labels[i], scores[i]
+        idx = torch.nonzero(lab >= 0).squeeze(1)
+        keep = idx[batched_nms(anchors[idx], s[idx], lab[idx], thresh)]  # decreasing score
+        pos = keep[lab[keep] != K]
+        neg = keep[lab[keep] == K]
+        if frac < 0:
+            chosen = keep[:B]
+        else:
+            npos = min(len(pos), int(B * frac))
+            chosen = torch.cat([pos[:npos], neg[: B - npos]])
+        out[i, chosen] = True
+    return out
+
+
+@pytest.mark.parametrize("frac", [-1.0, 0.25])
+@pytest.mark.parametrize("thresh", [0.5, 0.7])
+def test_ohem_selection_equals_brute_force_nms(frac, thresh):
+    x, labels, anchors = _ohem_case(R=600, seed=10)
+    scores = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1))
+    ours = select_ohem_anchors(scores, labels, anchors, 5, 24, thresh, frac)
+    ref = _reference_ohem(scores, labels, anchors, 5, 24, thresh, frac)
+    assert torch.equal(ours, ref)
+
+
+def test_ohem_honours_one_to_three():
+    x, labels, anchors = _ohem_case(R=800, pos_every=2, seed=11)  # plenty of positives
+    B = 32
+    cfg = _cfg("OHEM", **{"MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE": B,
+                          "MODEL.FOCAL.OHEM.POSITIVE_FRACTION": 0.25,
+                          "MODEL.FOCAL.OHEM.NMS_THRESH": 0.5})
+    out = build_classification_loss(cfg)(x, labels, anchors)
+    assert out.stats["ohem_num_selected"] == B
+    assert out.stats["ohem_num_pos_selected"] == B // 4  # exactly 1:3
+    assert out.box_mask.sum(1).tolist() == [B // 4, B // 4]
+    # without the ratio, high-loss positives are not capped
+    cfg.MODEL.FOCAL.OHEM.POSITIVE_FRACTION = -1.0
+    x_hard = x.clone()
+    x_hard[labels != 5] -= 20  # make every positive a very hard example
+    out = build_classification_loss(cfg)(x_hard, labels, anchors)
+    assert out.stats["ohem_num_pos_selected"] > B // 4
+
+
+def test_ohem_short_supply_fills_with_negatives():
+    x, labels, anchors = _ohem_case(R=400, pos_every=100, seed=12)  # 4 positives per image
+    B = 40
+    cfg = _cfg("OHEM", **{"MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE": B,
+                          "MODEL.FOCAL.OHEM.POSITIVE_FRACTION": 0.25,
+                          "MODEL.FOCAL.OHEM.NMS_THRESH": 1.0})
+    out = build_classification_loss(cfg)(x, labels, anchors)
+    assert out.stats["ohem_num_selected"] == B
+    assert out.stats["ohem_num_pos_selected"] == 4
