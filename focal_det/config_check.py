@@ -80,7 +80,7 @@ def _unknown_key_error(full_key, source, cfg):
             node = node.get(p) if isinstance(node, CfgNode) else None
         valid = sorted(node.keys()) if isinstance(node, CfgNode) else sorted(cfg.keys())
         hint = f"No close match; valid keys under '{parent or '<root>'}': {valid}"
-    return ConfigError(f"Unknown config key '{full_key}' in {source}. {hint}")
+    return ConfigError(f"Unknown config key '{full_key}' {source}. {hint}")
 
 
 def _type_name(v):
@@ -98,7 +98,7 @@ def _check_value(value, default, full_key, source):
         elif isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
             fix = f" Write it as a list, e.g. [{value!r}]."
         raise ConfigError(
-            f"Config key '{full_key}' in {source} expects a {_type_name(default)} (default: "
+            f"Config key '{full_key}' {source} expects a {_type_name(default)} (default: "
             f"{default!r}) but got {_type_name(value)} {value!r}.{fix}"
         ) from None
 
@@ -113,7 +113,7 @@ def _check_mapping(loaded, node, cfg, source, prefix=""):
         if cfg.key_is_renamed(full):
             cfg.raise_key_rename_error(full)
         if not isinstance(k, str):
-            raise ConfigError(f"Config key {k!r} (under '{prefix}') in {source} is not a string.")
+            raise ConfigError(f"Config key {k!r} (under '{prefix}') {source} is not a string.")
         if k not in node:
             if node.is_new_allowed():
                 continue
@@ -122,7 +122,7 @@ def _check_mapping(loaded, node, cfg, source, prefix=""):
         if isinstance(default, CfgNode):
             if not isinstance(v, dict):
                 raise ConfigError(
-                    f"Config key '{full}' in {source} is a group of keys "
+                    f"Config key '{full}' {source} is a group of keys "
                     f"({sorted(default.keys())[:6]}...) but was given the value {v!r}. Set its "
                     f"sub-keys instead, e.g. '{full}.{sorted(default.keys())[0]}'."
                 )
@@ -130,7 +130,7 @@ def _check_mapping(loaded, node, cfg, source, prefix=""):
         else:
             if isinstance(v, dict):
                 raise ConfigError(
-                    f"Config key '{full}' in {source} is a single value (default {default!r}), "
+                    f"Config key '{full}' {source} is a single value (default {default!r}), "
                     f"not a group, but was given the keys {sorted(v)}. Is it indented too far?"
                 )
             _check_value(CfgNode._decode_cfg_value(v), default, full, source)
@@ -183,7 +183,7 @@ def check_config_file(cfg, path, _seen=None):
                     f"_BASE_ '{base}' of config file '{path}' not found (looked for {base_path})."
                 )
             check_config_file(cfg, base_path, seen)
-    _check_mapping(loaded, cfg, cfg, f"config file '{path}'")
+    _check_mapping(loaded, cfg, cfg, f"in config file '{path}'")
 
 
 def merge_config_file(cfg, path):
@@ -193,7 +193,7 @@ def merge_config_file(cfg, path):
     return cfg
 
 
-def merge_config_list(cfg, opts, source="the command line"):
+def merge_config_list(cfg, opts, source="on the command line"):
     """
     Check then merge ``KEY VALUE`` pairs (``args.opts``) into ``cfg``. Values are parsed as
     detectron2 parses them (``ast.literal_eval``, else a string).
@@ -201,7 +201,7 @@ def merge_config_list(cfg, opts, source="the command line"):
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(
-            f"Config overrides on {source} must be KEY VALUE pairs; '{opts[-1]}' has no value "
+            f"Config overrides {source} must be KEY VALUE pairs; '{opts[-1]}' has no value "
             f"(got {len(opts)} items: {opts})."
         )
     for full_key, raw in zip(opts[0::2], opts[1::2]):
@@ -219,7 +219,7 @@ def merge_config_list(cfg, opts, source="the command line"):
         default = node[parts[-1]]
         if isinstance(default, CfgNode):
             raise ConfigError(
-                f"Config key '{full_key}' on {source} is a group of keys; override one of its "
+                f"Config key '{full_key}' {source} is a group of keys; override one of its "
                 f"sub-keys ({sorted(default.keys())}) instead."
             )
         _check_value(CfgNode._decode_cfg_value(raw), default, full_key, source)
