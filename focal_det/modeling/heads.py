@@ -1,5 +1,15 @@
+"""
+Dense heads of FocalRetinaNet, chosen by name (``MODEL.FOCAL.HEAD_NAME``) from
+``FOCAL_HEAD_REGISTRY``.
+"""
+from typing import List
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead as _D2RetinaNetHead
 from detectron2.utils.registry import Registry
+
+__all__ = ["FOCAL_HEAD_REGISTRY", "RetinaNetHead", "build_focal_head"]
 
 FOCAL_HEAD_REGISTRY = Registry("FOCAL_HEAD")
 FOCAL_HEAD_REGISTRY.__doc__ = """
@@ -11,10 +21,40 @@ per-level features to ``(logits, box_deltas)``: lists of (N, A*K, Hi, Wi) and (N
 
 @FOCAL_HEAD_REGISTRY.register()
 class RetinaNetHead(_D2RetinaNetHead):
-    """The paper's head (Sec 4), parameter-compatible with detectron2's RetinaNetHead."""
+    """
+    The paper's head (Sec 4, Fig 3): a classification subnet and a box subnet with the same
+    structure and separate parameters, shared across pyramid levels. Each is
+    ``MODEL.RETINANET.NUM_CONVS`` (4) x (3x3 conv with C = FPN channels, ReLU) followed by a 3x3
+    output conv: K*A sigmoid logits for classes, 4*A class-agnostic box deltas. Weights are
+    initialised N(0, 0.01), biases 0, except the classification bias
+    ``-log((1 - pi) / pi)`` with ``pi = MODEL.RETINANET.PRIOR_PROB`` (0.01), so that every anchor
+    starts with foreground confidence ~pi (the "prior" of Sec 3.3).
+
+    It *is* detectron2's ``RetinaNetHead`` (same parameter names and initialisation), so
+    detectron2's RetinaNet checkpoints load strictly into FocalRetinaNet. The only addition: a
+    clear error, instead of an assert, when the anchor generator gives levels different numbers
+    of cell anchors (one output conv serves all levels, so A must be the same everywhere).
+    """
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        num_anchors = build_anchor_generator(cfg, input_shape).num_cell_anchors
+        if len(set(num_anchors)) != 1:
+            raise ValueError(
+                f"RetinaNetHead shares its output convs across levels, so every level needs the "
+                f"same number of anchors per location; MODEL.ANCHOR_GENERATOR gives "
+                f"{list(num_anchors)} for the {len(num_anchors)} levels "
+                f"(SIZES={cfg.MODEL.ANCHOR_GENERATOR.SIZES}, "
+                f"ASPECT_RATIOS={cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS}). Give every level "
+                "the same number of sizes and of aspect ratios (the paper: 3 scales x 3 ratios)."
+            )
+        return super().from_config(cfg, input_shape)
 
 
-def build_focal_head(cfg, input_shape):
+def build_focal_head(cfg, input_shape: List[ShapeSpec]):
+    """
+    Build the head named by ``cfg.MODEL.FOCAL.HEAD_NAME`` for the given per-level feature shapes.
+    """
     name = cfg.MODEL.FOCAL.HEAD_NAME
     if name not in FOCAL_HEAD_REGISTRY:
         raise KeyError(
