@@ -111,6 +111,27 @@ def test_detectron2_state_dict_loads_strictly_and_gives_identical_detections():
         assert torch.equal(o.pred_classes, r.pred_classes)
 
 
+def test_default_head_is_the_papers():
+    cfg = tiny_cfg()
+    cfg.MODEL.RETINANET.NUM_CONVS = 4  # the paper's (and detectron2's default)
+    head = build(cfg).head
+    num_anchors, channels = 9, cfg.MODEL.FPN.OUT_CHANNELS
+    for subnet in (head.cls_subnet, head.bbox_subnet):
+        kinds = [type(m).__name__ for m in subnet]
+        assert kinds == ["Conv2d", "ReLU"] * 4
+        assert all(m.kernel_size == (3, 3) and m.out_channels == channels for m in subnet[::2])
+    # separate parameters for the two subnets
+    assert head.cls_subnet[0].weight.data_ptr() != head.bbox_subnet[0].weight.data_ptr()
+    assert head.cls_score.kernel_size == (3, 3)
+    assert head.cls_score.out_channels == num_anchors * NUM_CLASSES
+    assert head.bbox_pred.out_channels == num_anchors * 4  # class-agnostic boxes
+    # prior pi = 0.01: b = -log((1 - pi) / pi), every anchor starts at confidence pi
+    torch.testing.assert_close(
+        torch.sigmoid(head.cls_score.bias), torch.full((num_anchors * NUM_CLASSES,), 0.01)
+    )
+    assert head.cls_subnet[0].weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
 # ---------------------------------------------------------------- 2. normaliser
 
 
@@ -276,10 +297,14 @@ def test_each_loss_trains_end_to_end(loss_name):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch = make_batch(seed=5)
-    totals = []
+    totals, stats = [], {}
+    model.cls_loss.register_forward_hook(lambda module, args, out: stats.update(out.stats))
     with EventStorage(0) as storage:
         for _ in range(5):
             losses = model(copy.deepcopy(batch))
+            # the loss module's statistics (OHEM: anchors / positives selected) are logged
+            for k, v in stats.items():
+                assert storage.latest()[k][0] == pytest.approx(float(v))
             total = sum(losses.values())
             assert torch.isfinite(total)
             opt.zero_grad()
@@ -289,6 +314,8 @@ def test_each_loss_trains_end_to_end(loss_name):
             storage.step()
         assert storage.latest()["num_pos_anchors"][0] > 0
     assert totals[-1] < totals[0], totals
+    if loss_name == "OHEM":
+        assert stats, "OHEM reports how many anchors it selected"
 
 
 class RecordingLoss(DenseClassificationLoss):
