@@ -5,7 +5,7 @@ head taken from ``FOCAL_HEAD_REGISTRY`` and the classification loss from ``FOCAL
 Where the paper (Detectron) and detectron2 differ, the difference is a config key:
 
 ============================  ==========================  ===================================
-what                          paper / Detectron           detectron2 (our default)
+what (config key)             paper / Detectron           detectron2
 ============================  ==========================  ===================================
 loss normaliser               # foreground anchors of     EMA of that count, momentum 0.9,
 (FOCAL.LOSS.NORMALIZER_       this batch, >= 1 (0.0)      initial 100 (0.9)
@@ -17,9 +17,11 @@ smooth-L1 beta (RETINANET.    0.11                        0.0 in Base-RetinaNet.
 SMOOTH_L1_LOSS_BETA)                                      (0.1 in detectron2's defaults)
 ============================  ==========================  ===================================
 
-``NORMALIZER_MOMENTUM`` defaults to the paper's 0.0 in ``add_focal_config``; set 0.9 to get
-detectron2's losses exactly. Everything else (anchors, head, box coding, inference) is the paper's
-and detectron2's alike.
+``configs/Base-RetinaNet.yaml`` sets detectron2's column (with it and ``"FocalLoss"`` the losses
+equal detectron2's RetinaNet's), ``configs/Base-RetinaNet-Paper.yaml`` the paper's. Without a
+YAML, ``add_focal_config`` gives NORMALIZER_MOMENTUM 0.0 (paper), LOW_QUALITY_MATCHES
+"detectron2" and detectron2's default beta 0.1. Everything else (anchors, head, box coding,
+inference) is the paper's and detectron2's alike.
 """
 from typing import Dict
 
