@@ -71,4 +71,10 @@ def add_focal_config(cfg):
     # Stages frozen during training (0 = none, 1 = the stem, ...).
     _C.MODEL.MOBILENET.FREEZE_AT = 1
     _C.MODEL.MOBILENET.NORM = "FrozenBN"
+
+    # COCO bbox AP implementation of focal_det.evaluation: "pycocotools" (the official API) or
+    # "faster-coco-eval" (C++; same AP up to float64 rounding, < 1e-15, on the random sets of
+    # tests/test_evaluation.py; detectron2's own fast evaluator needs the compiled detectron2._C,
+    # which the registry wheel lacks).
+    _C.TEST.COCO_EVAL_IMPL = "pycocotools"
     return cfg
