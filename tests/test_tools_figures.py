@@ -180,3 +180,45 @@ def test_loss_cdf_rejects_unknown_dataset(tmp_path):
     with pytest.raises(SystemExit, match="not registered"):
         lcdf.main(["--config-file", QUICK, "--weights", "", "--dataset", "no_such_dataset_xyz",
                    "--output-dir", str(tmp_path)])  # fmt: skip
+
+
+# ---------------------------------------------------------------- plot_speed_accuracy
+psa = _load_tool("plot_speed_accuracy")
+
+
+def test_speed_accuracy_plot_from_a_tiny_results_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.txt").write_text(
+        "x: Saving checkpoint to run/model_final.pth\n"
+        "y: copypaste: Task: bbox\ny: copypaste: AP,AP50,AP75\ny: copypaste: 12.3400,20.0,10.0\n"
+    )
+    res = tmp_path / "ours.csv"
+    res.write_text(
+        "label,series,ap,time_ms,source\n"
+        "400,ours CPU,10.5,900,bench+eval\n"
+        "600,ours CPU,run:run,1500,train_net.py --eval-only\n"
+    )
+    out = tmp_path / "fig"
+    assert psa.main(["--results", str(res), "--output-dir", str(out)]) == 0
+    with open(out / "fig2_speed_accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    ours = [r for r in rows if r["origin"] == "ours"]
+    paper = [r for r in rows if r["origin"] == "paper"]
+    assert [float(r["ap"]) for r in ours] == [10.5, 12.34]  # second AP read from the run's log
+    assert len(paper) == 10 and all("paper" in r["series"] for r in paper)
+    assert {(r["label"], float(r["ap"]), float(r["time_ms"])) for r in paper} >= {
+        ("600", 34.3, 98.0),
+        ("800", 37.8, 198.0),
+    }
+    meta = json.loads((out / "fig2_speed_accuracy.json").read_text())
+    assert meta["log_time_axis"] is True  # 900-1500 ms on a CPU vs 64-198 ms on the M40
+    assert os.path.getsize(out / "fig2_speed_accuracy.png") > 0
+
+    res_json = tmp_path / "ours.json"
+    res_json.write_text(json.dumps({"points": [{"label": "a", "ap": 1, "time_ms": 0}]}))
+    with pytest.raises(SystemExit, match="time_ms must be > 0"):
+        psa.main(["--results", str(res_json), "--output-dir", str(out)])
+    res_json.write_text(json.dumps([{"label": "a", "ap": 1}]))
+    with pytest.raises(SystemExit, match="lacks"):
+        psa.main(["--results", str(res_json), "--output-dir", str(out)])

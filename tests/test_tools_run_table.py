@@ -1,0 +1,173 @@
+"""
+tools/run_table.py: rows discovered from configs/table*/ and matched to the paper's numbers,
+demo-scale mapping, commands, metrics parsed from detectron2 logs, resumability, failures.
+Training itself is replaced by a fake train_net.py that writes a detectron2-style log.txt.
+"""
+
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(REPO, "configs", "quick", "retinanet_tiny_quick.yaml")
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rt = _load_tool("run_table")
+
+LOG = """\
+[11/30 06:00:01 d2.engine.train_loop]: Starting training from iteration 0
+[11/30 06:00:09 fvcore.common.checkpoint]: Saving checkpoint to {out}/model_0000004.pth
+[11/30 06:00:09 d2.evaluation.testing]: copypaste: Task: bbox
+[11/30 06:00:09 d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl
+[11/30 06:00:09 d2.evaluation.testing]: copypaste: 1.0000,2.0000,3.0000,nan,nan,nan
+[11/30 06:00:19 fvcore.common.checkpoint]: Saving checkpoint to {out}/model_final.pth
+[11/30 06:00:20 d2.evaluation.testing]: copypaste: Task: bbox
+[11/30 06:00:20 d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl
+[11/30 06:00:20 d2.evaluation.testing]: copypaste: {ap:.4f},52.5000,36.5000,nan,20.0000,nan
+"""
+
+# A stand-in for train_net.py: logs like detectron2 with AP = 100 * alpha (so each row's number
+# is traceable), and diverges like a real run for alpha = 0.1.
+FAKE_TRAIN_NET = textwrap.dedent(
+    """
+    import os, sys
+    argv = sys.argv[1:]
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    out = opts["OUTPUT_DIR"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(os.path.dirname(os.path.dirname(out)), "calls.txt"), "a") as f:
+        f.write(out + "\\n")
+    alpha = float(opts.get("MODEL.RETINANET.FOCAL_LOSS_ALPHA", 0.25))
+    if alpha == 0.1:
+        print("FloatingPointError: Loss became infinite or NaN at iteration=3!")
+        sys.exit(1)
+    ap = 100 * alpha + int(opts["SEED"])
+    with open(os.path.join(out, "log.txt"), "w") as f:
+        f.write(LOG.format(out=out, ap=ap))
+    """
+)
+
+
+def test_parse_final_metrics_takes_the_evaluation_after_model_final(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text(LOG.format(out=tmp_path, ap=34.0))
+    m = rt.parse_final_metrics(str(log))
+    assert m["AP"] == 34.0 and m["AP50"] == 52.5 and m["AP75"] == 36.5 and m["APm"] == 20.0
+    # Interrupted before the final evaluation: the intermediate one must not count.
+    log.write_text("\n".join(LOG.format(out=tmp_path, ap=1).splitlines()[:6]))
+    assert rt.parse_final_metrics(str(log)) is None
+    assert rt.parse_final_metrics(str(tmp_path / "missing.txt")) is None
+
+
+@pytest.mark.parametrize("table", rt.TABLES)
+def test_every_table_config_matches_a_paper_row(table):
+    from focal_det.paper_tables import get_paper_table
+
+    rows = rt.discover_rows(table, os.path.join(REPO, "configs"))
+    paper = get_paper_table(table)
+    assert len(rows) == len(paper.rows)  # every paper row has exactly one config
+    assert [r.paper for r in rows] == list(paper.rows)  # in the paper's order
+
+
+def test_a_config_that_matches_no_paper_row_is_an_error(tmp_path):
+    d = tmp_path / "table1a"
+    d.mkdir()
+    (d / "odd.yaml").write_text(
+        f'_BASE_: "{QUICK}"\nMODEL:\n  FOCAL:\n    LOSS:\n      NAME: "BalancedCE"\n'
+        "  RETINANET:\n    FOCAL_LOSS_ALPHA: 0.33\n"
+    )
+    with pytest.raises(rt.TableError, match="match no row"):
+        rt.discover_rows("1a", str(tmp_path))
+
+
+@pytest.mark.parametrize("table", ["1a", "1b", "1c", "1d", "3"])
+def test_demo_commands_carry_the_rows_settings(table, capsys):
+    # Merging each printed command's overrides onto the demo config must give back the row's
+    # setting (for 1d the depth is not part of the setting, it has no demo counterpart).
+    assert rt.main(["--table", table, "--scale", "demo", "--demo-config", QUICK,
+                    "--iters", "30", "--print-commands"]) == 0  # fmt: skip
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("python")]
+    rows = rt.discover_rows(table, os.path.join(REPO, "configs"))
+    assert len(lines) == len(rows)
+    for line, row in zip(lines, rows):
+        argv = shlex.split(line)[2:]
+        assert argv[:2] == ["--config-file", os.path.relpath(QUICK, REPO)]
+        opts = argv[2:]
+        cfg = rt.load_cfg(QUICK, opts)
+        assert rt.row_setting(table, cfg) == row.setting, line
+        assert cfg.SOLVER.MAX_ITER == 30 and cfg.SOLVER.STEPS == (24,)  # quick: step 8 of 10
+        assert cfg.OUTPUT_DIR.endswith("seed0")
+
+
+def test_demo_scale_1e_maps_scale_and_skips_depth_101(capsys):
+    assert rt.main(["--table", "1e", "--scale", "demo", "--demo-config", QUICK,
+                    "--print-commands"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("# ") and "depth 101" in ln for ln in out) == 5
+    cmds = [shlex.split(ln)[2:] for ln in out if ln.startswith("python")]
+    # quick config tests at 160 px; the paper's 400..800 px around 600 map to 107..213 px
+    sizes = [rt.load_cfg(QUICK, c[2:]).INPUT.MIN_SIZE_TEST for c in cmds]
+    assert sizes == [107, 133, 160, 187, 213]
+
+
+def test_run_table_runs_resumes_and_records_failures(tmp_path, capsys):
+    fake = tmp_path / "fake_train_net.py"
+    fake.write_text(f"LOG = {LOG!r}\n" + FAKE_TRAIN_NET)
+    root = tmp_path / "out"
+    argv = ["--table", "1a", "--scale", "demo", "--demo-config", QUICK, "--iters", "5",
+            "--seeds", "0", "1", "--output-root", str(root), "--train-net", str(fake),
+            "--markdown", str(tmp_path / "t.md")]  # fmt: skip
+    assert rt.main(argv) == 0
+    calls = (root / "demo" / "calls.txt").read_text().split()
+    assert len(calls) == 14  # 7 rows x 2 seeds
+
+    md = (tmp_path / "t.md").read_text()
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| 0.")}
+    assert len(lines) == 7
+    # alpha .75: AP = 75 (seed 0) and 76 (seed 1) -> mean 75.5; paper 31.1 / 49.4 / 33.0
+    cells = [c.strip() for c in lines["0.75"].split("|")[1:-1]]
+    assert cells == ["0.75", "75.5", "52.5", "36.5", "75.0 / 76.0", "31.1", "49.4", "33"]
+    assert "failed" in lines["0.1"] and "FloatingPointError" in md
+    data = json.loads((root / "demo" / "table1a.json").read_text())
+    assert data["rows"][0]["runs"][0]["state"] == "failed"
+    assert data["rows"][3]["runs"][1]["metrics"]["AP"] == 76.0
+
+    # Resumable: nothing finished is rerun; --retry-failed reruns only the failed row's 2 runs.
+    assert rt.main(argv) == 0
+    assert len((root / "demo" / "calls.txt").read_text().split()) == 14
+    assert rt.main(argv + ["--retry-failed"]) == 0
+    calls = (root / "demo" / "calls.txt").read_text().split()
+    assert len(calls) == 16 and all("alpha0.10" in c for c in calls[14:])
+    # A different schedule is a different run (the folder hash covers the whole command).
+    assert rt.main(argv[:-2] + ["--collect-only", "--iters", "6"]) == 0
+    assert "pending" in capsys.readouterr().out
+
+
+def test_unknown_demo_config_choice_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(rt, "REPO", str(tmp_path))
+    (tmp_path / "configs" / "demo").mkdir(parents=True)
+    assert rt.main(["--table", "1a", "--scale", "demo", "--print-commands"]) == 2
+    assert "pass --demo-config" in capsys.readouterr().err
+
+
+def test_help_runs():
+    import subprocess
+
+    for tool in ("run_table", "plot_loss_curves", "loss_cdf", "plot_speed_accuracy"):
+        r = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", tool + ".py"), "--help"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0 and "usage" in r.stdout, (tool, r.stderr[-500:])

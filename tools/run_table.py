@@ -1,0 +1,613 @@
+#!/usr/bin/env python
+"""
+Run every config of one of the paper's tables and write our AP / AP50 / AP75 next to the paper's.
+
+    python tools/run_table.py --table 1b                   # paper scale: configs/table1b/*.yaml
+    python tools/run_table.py --table 1b --print-commands  # train_net.py commands, for a cluster
+    python tools/run_table.py --table 1b --collect-only    # only (re)write the table from outputs
+    python tools/run_table.py --table 1a --scale demo --iters 300 --seeds 0 1
+
+Rows are the YAML files of ``configs/table<T>/``. Each file's *settings* (alpha, gamma, anchors,
+OHEM batch/NMS, depth/scale, FL* gamma/beta, ...) are read from the merged config and matched to
+the paper's row in ``focal_det.paper_tables``; a config that matches no row of the paper is an
+error, so the table is also a check of the configs.
+
+``--scale paper`` runs ``train_net.py --config-file configs/table<T>/<row>.yaml``.
+``--scale demo`` maps the row onto the demo (``--demo-config``: its dataset, MobileNetV2-FPN
+backbone, input size and schedule) and changes only what the table varies: the loss keys
+(``MODEL.FOCAL.LOSS.*``, ``MODEL.FOCAL.OHEM.*``, ``MODEL.RETINANET.FOCAL_LOSS_{ALPHA,GAMMA}``),
+and for Table 1c the number of anchor scales per octave / aspect ratios (on the demo's own base
+anchor sizes), for Table 1e the input scale (relative to the paper's 600 px). Backbone depth has
+no demo counterpart (1d's ResNet-101 becomes MobileNetV2; 1e's depth-101 rows and Table 2 are not
+mapped). Every row gets the same schedule (``--iters``, steps scaled as 60k/80k of 90k).
+
+Each run writes to ``<output-root>/<scale>/<config-stem>__<hash>/seed<S>/`` (the hash covers the
+full command, so a changed schedule or option never reuses an old result). A run is finished when
+its ``log.txt`` holds the COCO "copypaste" results printed after ``model_final.pth`` was saved;
+finished rows are not rerun (resumable). A run that fails (e.g. diverges: non-finite loss) is
+recorded in ``run_status.json`` and shown as failed; ``--retry-failed`` runs it again.
+
+Writes ``<output-root>/<scale>/table<T>.md`` (and ``--markdown PATH``) and ``table<T>.json``.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = ("1a", "1b", "1c", "1d", "1e", "2", "3")
+METRICS = ("AP", "AP50", "AP75")
+# The keys that define a loss setting; copied from a table row onto the demo config.
+LOSS_KEYS = (
+    "MODEL.FOCAL.LOSS.NAME",
+    "MODEL.FOCAL.LOSS.STAR_GAMMA",
+    "MODEL.FOCAL.LOSS.STAR_BETA",
+    "MODEL.RETINANET.FOCAL_LOSS_ALPHA",
+    "MODEL.RETINANET.FOCAL_LOSS_GAMMA",
+    "MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE",
+    "MODEL.FOCAL.OHEM.NMS_THRESH",
+    "MODEL.FOCAL.OHEM.POSITIVE_FRACTION",
+)
+PAPER_SCALE = 600  # Table 1's train/test scale, the reference of 1e's scale mapping
+
+
+class TableError(Exception):
+    """A table or its configs cannot be run as asked (message says what and how to fix)."""
+
+
+@dataclass
+class Row:
+    config: str  # path of the table's YAML
+    stem: str
+    setting: Dict  # the paper table's setting columns, read from the config
+    paper: Dict  # the paper's row (settings + metrics)
+
+
+@dataclass
+class Run:
+    row: Row
+    seed: int
+    output_dir: str
+    argv: List[str]  # train_net.py arguments (without the interpreter)
+    skipped: Optional[str] = None  # reason the row has no run at this scale
+    status: Dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs -> rows
+# ---------------------------------------------------------------------------------------------
+def load_cfg(path: str, opts: Optional[List[str]] = None):
+    from detectron2.config import get_cfg
+
+    from focal_det import add_focal_config
+
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(path)
+    if opts:
+        cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def row_setting(table: str, cfg) -> Dict:
+    """The paper table's setting columns of one config (see focal_det.paper_tables)."""
+    loss = cfg.MODEL.FOCAL.LOSS.NAME
+    alpha = float(cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA)
+    gamma = float(cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA)
+    if table == "1a":
+        _expect(table, cfg, loss == "BalancedCE", "MODEL.FOCAL.LOSS.NAME BalancedCE")
+        return {"alpha": alpha}
+    if table == "1b":
+        _expect(table, cfg, loss == "FocalLoss", "MODEL.FOCAL.LOSS.NAME FocalLoss")
+        return {"gamma": gamma, "alpha": alpha}
+    if table == "1c":
+        return {
+            "scales": len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0]),
+            "aspect_ratios": len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0]),
+        }
+    if table == "1d":
+        if loss == "FocalLoss":
+            return {"method": "FL", "batch_size": None, "nms": None}
+        _expect(table, cfg, loss == "OHEM", "MODEL.FOCAL.LOSS.NAME OHEM or FocalLoss")
+        ohem = cfg.MODEL.FOCAL.OHEM
+        return {
+            "method": "OHEM 1:3" if ohem.POSITIVE_FRACTION > 0 else "OHEM",
+            "batch_size": int(ohem.BATCH_SIZE_PER_IMAGE),
+            "nms": float(ohem.NMS_THRESH),
+        }
+    if table == "1e":
+        return {"depth": int(cfg.MODEL.RESNETS.DEPTH), "scale": int(cfg.INPUT.MIN_SIZE_TEST)}
+    if table == "2":
+        r = cfg.MODEL.RESNETS
+        if r.NUM_GROUPS > 1:
+            name = f"ResNeXt-{r.DEPTH}-{r.NUM_GROUPS}x{r.WIDTH_PER_GROUP}d-FPN"
+        else:
+            name = f"ResNet-{r.DEPTH}-FPN"
+        return {"backbone": name}
+    if table == "3":
+        if loss == "BalancedCE":
+            return {"loss": "CE", "gamma": None, "beta": None}
+        if loss == "FocalLoss":
+            return {"loss": "FL", "gamma": gamma, "beta": None}
+        _expect(table, cfg, loss == "FocalLossStar", "a CE, FL or FL* loss")
+        s = cfg.MODEL.FOCAL.LOSS
+        return {"loss": "FL*", "gamma": float(s.STAR_GAMMA), "beta": float(s.STAR_BETA)}
+    raise TableError(f"Unknown table {table!r}; choose one of {TABLES}")
+
+
+def _expect(table, cfg, ok, what):
+    if not ok:
+        raise TableError(f"A Table {table} config must use {what}; got {cfg.MODEL.FOCAL.LOSS.NAME}")
+
+
+def discover_rows(table: str, configs_root: str) -> List[Row]:
+    """The rows of ``table``: one per YAML under ``configs_root/table<T>``, in the paper's order."""
+    from focal_det.paper_tables import get_paper_table
+
+    paper = get_paper_table(table)
+    folder = os.path.join(configs_root, f"table{table}")
+    if not os.path.isdir(folder):
+        raise TableError(f"No config folder {folder} for Table {table}")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".yaml"))
+    if not files:
+        raise TableError(f"{folder} holds no .yaml configs")
+    rows = []
+    for f in files:
+        path = os.path.join(folder, f)
+        setting = row_setting(table, load_cfg(path))
+        match = paper.find(**setting)
+        if match is None:
+            raise TableError(
+                f"{path}: its settings {setting} match no row of the paper's Table {table} "
+                f"({[{k: r[k] for k in paper.setting} for r in paper.rows]})"
+            )
+        rows.append(Row(path, os.path.splitext(f)[0], setting, match))
+    order = {id(r): i for i, r in enumerate(paper.rows)}
+    rows.sort(key=lambda r: order[id(r.paper)])
+    seen = {}
+    for r in rows:
+        key = id(r.paper)
+        if key in seen:
+            raise TableError(f"{r.config} and {seen[key]} are the same paper row {r.setting}")
+        seen[key] = r.config
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# rows -> commands
+# ---------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    """A config value as a command-line override that merge_from_list parses back exactly."""
+    if isinstance(v, (list, tuple)):
+        return repr(_plain(v))
+    return str(v)
+
+
+def _plain(v):
+    """CfgNode lists/tuples as plain Python literals (lists stay lists, tuples tuples)."""
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    return v
+
+
+def _get(cfg, key):
+    node = cfg
+    for k in key.split("."):
+        node = node[k]
+    return node
+
+
+def schedule_opts(demo_cfg, iters: Optional[int]) -> List[str]:
+    """SOLVER overrides for ``iters`` iterations with the demo config's steps scaled to it."""
+    if iters is None:
+        return []
+    if iters < 1:
+        raise TableError(f"--iters must be >= 1; got {iters}")
+    base = demo_cfg.SOLVER.MAX_ITER
+    steps = tuple(max(1, min(iters - 1, round(s * iters / base))) for s in demo_cfg.SOLVER.STEPS)
+    steps = tuple(sorted(set(s for s in steps if 0 < s < iters)))
+    warmup = min(demo_cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
+    return [
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", repr(steps),
+        "SOLVER.WARMUP_ITERS", str(warmup),
+        "SOLVER.CHECKPOINT_PERIOD", str(10 * iters),
+    ]  # fmt: skip
+
+
+def demo_row_opts(table: str, row: Row, row_cfg, demo_cfg) -> Tuple[Optional[List[str]], str]:
+    """
+    The overrides that put ``row`` onto the demo config.
+
+    Returns:
+        (opts, "") or (None, reason) when the row has no demo counterpart.
+    """
+    if table == "2":
+        return None, "Table 2 compares backbones; the demo has one (MobileNetV2)"
+    opts = []
+    for key in LOSS_KEYS:
+        # Only what differs from the demo config, so the command shows the experiment.
+        if _get(row_cfg, key) != _get(demo_cfg, key):
+            opts += [key, _fmt(_get(row_cfg, key))]
+    if table == "1c":
+        n = len(row_cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
+        bases = [float(level[0]) for level in demo_cfg.MODEL.ANCHOR_GENERATOR.SIZES]
+        sizes = [[b * 2 ** (i / n) for i in range(n)] for b in bases]
+        opts += ["MODEL.ANCHOR_GENERATOR.SIZES", repr(sizes)]
+        opts += [
+            "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+            repr(_plain(row_cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS)),
+        ]
+    if table == "1e":
+        if row.setting["depth"] != 50:
+            return None, "depth 101 has no MobileNetV2 counterpart (only the depth-50 rows map)"
+        f = row.setting["scale"] / PAPER_SCALE
+        d = demo_cfg.INPUT
+        opts += [
+            "INPUT.MIN_SIZE_TRAIN", repr(tuple(int(round(s * f)) for s in d.MIN_SIZE_TRAIN)),
+            "INPUT.MAX_SIZE_TRAIN", str(int(round(d.MAX_SIZE_TRAIN * f))),
+            "INPUT.MIN_SIZE_TEST", str(int(round(d.MIN_SIZE_TEST * f))),
+            "INPUT.MAX_SIZE_TEST", str(int(round(d.MAX_SIZE_TEST * f))),
+        ]  # fmt: skip
+    return opts, ""
+
+
+def plan_runs(args, rows: List[Row]) -> List[Run]:
+    runs = []
+    scale_root = os.path.join(args.output_root, args.scale)
+    demo_cfg = load_cfg(args.demo_config) if args.scale == "demo" else None
+    for row in rows:
+        if args.scale == "paper":
+            base = ["--config-file", os.path.relpath(row.config, REPO)]
+            if args.num_gpus != 1:
+                base = ["--num-gpus", str(args.num_gpus)] + base
+            opts, reason = [], ""
+            if args.iters is not None:
+                opts = schedule_opts(load_cfg(row.config), args.iters)
+        else:
+            row_opts, reason = demo_row_opts(args.table, row, load_cfg(row.config), demo_cfg)
+            base = ["--config-file", os.path.relpath(args.demo_config, REPO)]
+            opts = None if row_opts is None else row_opts + schedule_opts(demo_cfg, args.iters)
+        if args.workers is not None and opts is not None:
+            opts += ["DATALOADER.NUM_WORKERS", str(args.workers)]
+        if opts is not None:
+            opts += list(args.opts)
+        for seed in args.seeds:
+            if opts is None:
+                runs.append(Run(row, seed, "", [], skipped=reason))
+                continue
+            digest = hashlib.sha1(json.dumps(base + opts).encode()).hexdigest()[:8]
+            out = os.path.join(scale_root, f"{row.stem}__{digest}", f"seed{seed}")
+            argv = base + opts + ["SEED", str(seed), "OUTPUT_DIR", out]
+            runs.append(Run(row, seed, out, argv))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# output folder -> metrics
+# ---------------------------------------------------------------------------------------------
+_COPYPASTE = re.compile(r"copypaste: (.*)$")
+
+
+def parse_final_metrics(log_path: str) -> Optional[Dict[str, float]]:
+    """
+    The bbox metrics of the evaluation that follows the save of ``model_final.pth`` in a
+    detectron2 ``log.txt`` (the first COCO "copypaste" block after it), or None if absent.
+    """
+    if not os.path.isfile(log_path):
+        return None
+    with open(log_path, errors="replace") as f:
+        lines = f.read().splitlines()
+    start = None
+    for i, line in enumerate(lines):
+        if "Saving checkpoint to" in line and "model_final.pth" in line:
+            start = i
+    if start is None:
+        return None
+    payload = [m.group(1) for m in map(_COPYPASTE.search, lines[start:]) if m]
+    for i in range(len(payload) - 2):
+        if payload[i].strip() == "Task: bbox":
+            names = payload[i + 1].split(",")
+            values = payload[i + 2].split(",")
+            if len(names) == len(values):
+                return {n.strip(): float(v) for n, v in zip(names, values)}
+    return None
+
+
+def run_state(run: Run) -> Dict:
+    """{"state": "done"|"failed"|"pending", "metrics": {...}?, ...} of one run's folder."""
+    if run.skipped:
+        return {"state": "skipped", "reason": run.skipped}
+    metrics = parse_final_metrics(os.path.join(run.output_dir, "log.txt"))
+    status_path = os.path.join(run.output_dir, "run_status.json")
+    status = {}
+    if os.path.isfile(status_path):
+        with open(status_path) as f:
+            status = json.load(f)
+    if metrics is not None:
+        return {**status, "state": "done", "metrics": metrics}
+    if status.get("state") == "failed":
+        return status
+    return {"state": "pending"}
+
+
+def _failure_reason(output_dir: str, stdout_path: str) -> str:
+    text = ""
+    for p in (stdout_path, os.path.join(output_dir, "log.txt")):
+        if os.path.isfile(p):
+            with open(p, errors="replace") as f:
+                text += f.read()[-20000:]
+    for pattern in (r"(FloatingPointError[^\n]*)", r"(Loss became infinite or NaN[^\n]*)",
+                    r"(non-finite[^\n]*)", r"(\w+Error: [^\n]*)"):  # fmt: skip
+        m = re.findall(pattern, text)
+        if m:
+            return m[-1].strip()[:300]
+    return "exited with an error (see stdout.txt)"
+
+
+def execute(run: Run, python: str, threads: int, train_net: str) -> Dict:
+    """Run one training (blocking); returns its state and writes run_status.json."""
+    os.makedirs(run.output_dir, exist_ok=True)
+    cmd = [python, train_net] + run.argv
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    stdout_path = os.path.join(run.output_dir, "stdout.txt")
+    start = time.time()
+    with open(stdout_path, "w") as out:
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.time() - start
+    status = {"returncode": rc, "wall_time_s": round(wall, 1), "command": shlex.join(cmd)}
+    metrics = parse_final_metrics(os.path.join(run.output_dir, "log.txt"))
+    if rc == 0 and metrics is not None:
+        status.update(state="done", metrics=metrics)
+    else:
+        status.update(state="failed", reason=_failure_reason(run.output_dir, stdout_path))
+    with open(os.path.join(run.output_dir, "run_status.json"), "w") as f:
+        json.dump(status, f, indent=2)
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+# ---------------------------------------------------------------------------------------------
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def summarize(table: str, runs: List[Run]) -> List[Dict]:
+    """One dict per paper row: settings, paper metrics, our per-seed metrics and their mean."""
+    out, by_row = [], {}
+    for r in runs:
+        by_row.setdefault(r.row.config, []).append(r)
+    for config, rs in by_row.items():
+        row = rs[0].row
+        seeds = []
+        for r in rs:
+            s = r.status or run_state(r)
+            seeds.append({"seed": r.seed, "output_dir": r.output_dir, **s})
+        done = [s for s in seeds if s["state"] == "done"]
+        mean = {
+            m: statistics.mean(s["metrics"].get(m, math.nan) for s in done) if done else None
+            for m in METRICS
+        }
+        out.append(
+            {
+                "config": os.path.relpath(config, REPO),
+                "setting": row.setting,
+                "paper": {m: row.paper[m] for m in METRICS},
+                "ours_mean": mean,
+                "runs": seeds,
+            }
+        )
+    return out
+
+
+def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") -> str:
+    from focal_det.paper_tables import get_paper_table
+
+    paper = get_paper_table(table)
+    cols = list(paper.setting)
+    head = cols + [f"ours {m}" for m in METRICS] + ["AP per seed"] + [f"paper {m}" for m in METRICS]
+    lines = [
+        f"Table {table} ({paper.caption}); ours at scale `{scale}`{title_note}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for s in summary:
+        cells = [_cell(s["setting"][c]) for c in cols]
+        states = [r["state"] for r in s["runs"]]
+        if s["ours_mean"]["AP"] is not None:
+            cells += [f"{s['ours_mean'][m]:.1f}" for m in METRICS]
+        elif "skipped" in states:
+            cells += ["n/a"] * len(METRICS)
+        elif "failed" in states:
+            cells += ["failed"] * len(METRICS)
+        else:
+            cells += ["pending"] * len(METRICS)
+        per_seed = []
+        for r in s["runs"]:
+            if r["state"] == "done":
+                per_seed.append(f"{r['metrics'].get('AP', math.nan):.1f}")
+            else:
+                per_seed.append(r["state"])
+        cells.append(" / ".join(per_seed))
+        cells += [_cell(s["paper"][m]) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for s in summary:
+        for r in s["runs"]:
+            if r["state"] in ("failed", "skipped"):
+                what = r.get("reason", "")
+                notes.append(
+                    f"- {os.path.basename(s['config'])} seed {r['seed']}: {r['state']}: {what}"
+                )
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(args, runs: List[Run]) -> Tuple[str, str]:
+    summary = summarize(args.table, runs)
+    scale_root = os.path.join(args.output_root, args.scale)
+    os.makedirs(scale_root, exist_ok=True)
+    note = f", {len(args.seeds)} seed(s) {args.seeds}"
+    if args.iters is not None:
+        note += f", {args.iters} iterations"
+    md = markdown(args.table, args.scale, summary, note)
+    md_path = os.path.join(scale_root, f"table{args.table}.md")
+    for p in [md_path] + ([args.markdown] if args.markdown else []):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+        with open(p, "w") as f:
+            f.write(md)
+    json_path = os.path.join(scale_root, f"table{args.table}.json")
+    with open(json_path, "w") as f:
+        json.dump(
+            {
+                "table": args.table,
+                "scale": args.scale,
+                "seeds": args.seeds,
+                "iters": args.iters,
+                "rows": summary,
+            },  # fmt: skip
+            f,
+            indent=2,
+        )
+    return md_path, json_path
+
+
+# ---------------------------------------------------------------------------------------------
+def _display_path(path: str) -> str:
+    """``path`` relative to the repository when it is inside it (commands run from there)."""
+    rel = os.path.relpath(os.path.abspath(path), REPO)
+    return path if rel.startswith("..") else rel
+
+
+def default_demo_config() -> str:
+    """The demo's training config: configs/demo/*.yaml that is not a Base-*.yaml (exactly one)."""
+    folder = os.path.join(REPO, "configs", "demo")
+    cands = sorted(
+        f for f in os.listdir(folder) if f.endswith(".yaml") and not f.startswith("Base")
+    ) if os.path.isdir(folder) else []  # fmt: skip
+    if len(cands) != 1:
+        raise TableError(
+            f"Cannot pick the demo config among {cands} in {folder}: pass --demo-config"
+        )
+    return os.path.join(folder, cands[0])
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--table", required=True, choices=TABLES, help="which of the paper's tables")
+    p.add_argument("--scale", default="paper", choices=("paper", "demo"))
+    p.add_argument("--configs-root", default=os.path.join(REPO, "configs"))
+    p.add_argument("--demo-config", default=None, help="demo scale: the demo training config")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="override SOLVER.MAX_ITER (steps scaled proportionally); same for every row",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed per row")
+    p.add_argument("--output-root", default=os.path.join(REPO, "output", "tables"))
+    p.add_argument("--markdown", default=None, help="also write the Markdown table here")
+    p.add_argument("--num-gpus", type=int, default=1, help="paper scale: train_net.py --num-gpus")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads of each (CPU) run")
+    p.add_argument("--workers", type=int, default=None, help="DATALOADER.NUM_WORKERS of each run")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs train_net.py")
+    p.add_argument(
+        "--train-net", default=os.path.join(REPO, "train_net.py"), help=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--rows", nargs="+", default=None, help="only the configs whose stem contains one of these"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--print-commands", action="store_true", help="print, run nothing")
+    mode.add_argument("--collect-only", action="store_true", help="write the table, run nothing")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run"
+    )
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.output_root = os.path.abspath(args.output_root)
+    if len(args.opts) % 2:
+        raise SystemExit(f"Config overrides must be KEY VALUE pairs; got {args.opts}")
+    try:
+        if args.scale == "demo" and args.demo_config is None:
+            args.demo_config = default_demo_config()
+        rows = discover_rows(args.table, args.configs_root)
+        if args.rows:
+            rows = [r for r in rows if any(k in r.stem for k in args.rows)]
+            if not rows:
+                raise TableError(
+                    f"--rows {args.rows} selects none of the Table {args.table} configs"
+                )
+        runs = plan_runs(args, rows)
+    except TableError as e:
+        print(f"run_table: {e}", file=sys.stderr)
+        return 2
+
+    if args.print_commands:
+        for r in runs:
+            if r.skipped:
+                print(f"# {r.row.stem}: not run at scale {args.scale}: {r.skipped}")
+            else:
+                argv = list(r.argv)
+                argv[-1] = _display_path(argv[-1])  # OUTPUT_DIR
+                print(shlex.join(["python", "train_net.py"] + argv))
+        return 0
+
+    if not args.collect_only:
+        todo = []
+        for r in runs:
+            st = run_state(r)
+            if st["state"] == "pending" or (st["state"] == "failed" and args.retry_failed):
+                todo.append(r)
+        print(
+            f"[run_table] Table {args.table} ({args.scale}): {len(runs)} runs, {len(todo)} to run"
+        )
+        for i, r in enumerate(todo):
+            print(
+                f"[run_table] ({i + 1}/{len(todo)}) {r.row.stem} seed {r.seed} -> {r.output_dir}",
+                flush=True,
+            )
+            st = execute(r, args.python, args.threads, args.train_net)
+            r.status = st
+            msg = (
+                f"AP {st['metrics'].get('AP', math.nan):.2f}" if st["state"] == "done" else
+                f"FAILED: {st.get('reason')}"
+            )  # fmt: skip
+            print(f"[run_table]     {msg} ({st['wall_time_s']:.0f}s)", flush=True)
+            write_table(args, runs)
+    md_path, json_path = write_table(args, runs)
+    with open(md_path) as f:
+        print(f.read())
+    print(f"wrote {md_path}\nwrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
