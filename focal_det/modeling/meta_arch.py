@@ -218,12 +218,38 @@ class FocalRetinaNet(RetinaNet):
             t = torch.tensor([num_pos], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             num_pos = t.item() / comm.get_world_size()
-        # With momentum 0 this is exactly max(num_pos, 1); with 0.9 it is detectron2's
-        # `self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)`, same attribute,
-        # same arithmetic, so the two models' normalisers evolve identically.
+        if self.normalizer_momentum == 0.0:
+            # Stateless: nothing per-worker goes into the checkpoint (see get_extra_state).
+            return max(num_pos, 1.0)
+        # detectron2's `self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)`:
+        # same attribute, same arithmetic, so the two models' normalisers evolve identically.
         return self._ema_update(
             "loss_normalizer", max(num_pos, 1.0), _EMA_NORMALIZER_INIT, self.normalizer_momentum
         )
+
+    # The EMA normaliser (momentum > 0) is training state: it goes into the checkpoint (as the
+    # module's "_extra_state", a float64 scalar tensor, which detectron2's checkpointer and
+    # weights_only loading accept) so that --resume continues it exactly. detectron2 keeps it
+    # as a plain attribute, so its RetinaNet restarts the EMA at 100 on resume. With several
+    # workers and no all-reduce each worker has its own EMA; the checkpoint holds rank 0's.
+    # With momentum 0 it stays at its initial value (nothing to resume).
+    def get_extra_state(self) -> Tensor:
+        value = getattr(self, "loss_normalizer", _EMA_NORMALIZER_INIT)
+        return torch.tensor(value, dtype=torch.float64)
+
+    def set_extra_state(self, state: Tensor):
+        self.loss_normalizer = float(state)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs
+        )
+        # detectron2's RetinaNet checkpoints have no extra state and must still load strictly:
+        # the normaliser then keeps its current value (100 for a new model, as detectron2).
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
 
     def _check_losses_finite(self, losses: Dict[str, Tensor]):
         """
