@@ -333,6 +333,9 @@ def check_config(cfg, world_size=None):
     if not (math.isfinite(s.BASE_LR) and s.BASE_LR > 0):
         p.append(f"SOLVER.BASE_LR={s.BASE_LR} must be a finite number > 0 (linear scaling "
                  "rule: the paper's 0.01 is for 16 images per batch).")
+    if s.MAX_ITER in tuple(s.STEPS):
+        p.append(f"SOLVER.STEPS={tuple(s.STEPS)} contains SOLVER.MAX_ITER={s.MAX_ITER}: an LR "
+                 "step must come before the last iteration (fvcore rejects it at train start).")
     if s.CHECKPOINT_PERIOD <= 0:
         p.append(f"SOLVER.CHECKPOINT_PERIOD={s.CHECKPOINT_PERIOD} must be > 0.")
     if p:

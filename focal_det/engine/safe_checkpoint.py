@@ -185,15 +185,24 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if trust_pickle is None:
             trust_pickle = os.environ.get("FOCAL_TRUST_PICKLE", "0") == "1"
         self.trust_pickle = trust_pickle
+        self._refuse_reason = None
 
     # ---- saving -------------------------------------------------------------------------
+    def refuse_saves(self, reason):
+        """From now on ``save`` writes nothing (logs ``reason``): the run has failed."""
+        self._refuse_reason = reason
+
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
+            return
+        if self._refuse_reason is not None:
+            self.logger.warning(f"Not saving checkpoint '{name}': {self._refuse_reason}")
             return
         data = {"model": self.model.state_dict()}
         bad = _non_finite_tensors(data["model"])
         if bad:
             last = self.get_checkpoint_file() if self.has_checkpoint() else "(none)"
+            self.refuse_saves(f"the weights became non-finite ({bad[:3]})")
             raise FloatingPointError(
                 f"Not saving checkpoint '{name}': {len(bad)} weight tensor(s) contain NaN/Inf "
                 f"(first: {bad[:3]}). The training diverged; the last good checkpoint is "
