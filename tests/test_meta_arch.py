@@ -227,6 +227,31 @@ def test_normalizer_all_reduce_uses_mean_count_over_workers(monkeypatch):
     assert model.foreground_normalizer(10) == pytest.approx(0.9 * 100 + 0.1 * 20)
 
 
+def _all_reduce_worker(rank, tmp, model):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    try:
+        value = model.foreground_normalizer([10, 31][rank])
+        (tmp / f"rank{rank}").write_text(repr(value))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_normalizer_all_reduce_with_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS.NORMALIZER_ALL_REDUCE = True
+    model = build_model(cfg)
+    # fork: the workers inherit the imported modules and the model (spawn re-imports: slow)
+    mp.start_processes(
+        _all_reduce_worker, args=(tmp_path, model), nprocs=2, start_method="fork"
+    )
+    # mean of 10 and 31 foreground anchors, on both workers
+    assert [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [20.5, 20.5]
+
+
 def test_bad_normalizer_momentum_is_rejected():
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM = 1.0
