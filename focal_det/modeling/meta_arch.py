@@ -167,6 +167,9 @@ class FocalRetinaNet(RetinaNet):
         num_pos_anchors = pos_mask.sum().item()
         storage = get_event_storage()
         storage.put_scalar("num_pos_anchors", num_pos_anchors / num_images)
+        # Computed (EMA advanced, all-reduce done) every iteration even when the loss module
+        # brings its own normaliser: the EMA then means the same thing whatever the loss, and
+        # every worker joins the collective.
         fg_normalizer = self.foreground_normalizer(num_pos_anchors)
 
         # The losses are sums over ~100k anchors x K classes: under AMP they are computed in
