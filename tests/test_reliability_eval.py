@@ -1,0 +1,109 @@
+"""
+Evaluation at scale (issue 8, item 6): StreamingCOCOEvaluator keeps compact per-image arrays
+and gathers them across workers, and gives exactly detectron2's COCOEvaluator numbers and
+results file. (Its memory is measured by benchmarks/eval_memory.py, not asserted here.)
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import Boxes, Instances
+
+import focal_det.evaluation.streaming as streaming
+from focal_det.evaluation import FocalCOCOEvaluator
+from focal_det.evaluation.streaming import StreamingCOCOEvaluator
+
+
+def write_fake_coco(path, num_images, num_classes=3, seed=0, size=(200, 300)):
+    """A COCO ground-truth JSON (non-contiguous category ids) and random detections near it."""
+    rng = np.random.RandomState(seed)
+    h, w = size
+    cats = [{"id": 10 * (i + 1), "name": f"c{i}"} for i in range(num_classes)]
+    images, anns, preds = [], [], []
+    for i in range(num_images):
+        images.append({"id": i + 1, "width": w, "height": h, "file_name": f"{i}.jpg"})
+        boxes, labels, scores = [], [], []
+        for _ in range(rng.randint(1, 4)):
+            bw, bh = rng.randint(10, 100), rng.randint(10, 100)
+            x, y = rng.randint(0, w - bw), rng.randint(0, h - bh)
+            c = rng.randint(num_classes)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cats[c]["id"],
+                         "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        for _ in range(rng.randint(0, 100)):
+            x0, y0 = rng.uniform(0, w - 20), rng.uniform(0, h - 20)
+            boxes.append([x0, y0, x0 + rng.uniform(5, 90), y0 + rng.uniform(5, 90)])
+            labels.append(rng.randint(num_classes))
+            scores.append(rng.uniform())
+        inst = Instances((h, w))
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.tensor(scores, dtype=torch.float32)
+        inst.pred_classes = torch.tensor(labels, dtype=torch.int64)
+        preds.append(({"image_id": i + 1, "height": h, "width": w}, {"instances": inst}))
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    return preds
+
+
+@pytest.fixture(scope="module")
+def fake_coco(tmp_path_factory):
+    d = tmp_path_factory.mktemp("coco")
+    preds = write_fake_coco(str(d / "gt.json"), num_images=16)
+    name = "reliability_fake_coco"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, str(d / "gt.json"), str(d))
+    DatasetCatalog.get(name)  # sets thing_dataset_id_to_contiguous_id
+    return name, preds
+
+
+def _assert_same(got, ref):
+    assert got.keys() == ref.keys() == {"bbox"}
+    assert got["bbox"].keys() == ref["bbox"].keys()
+    for k, v in ref["bbox"].items():  # NaN for categories without ground truth
+        assert (math.isnan(v) and math.isnan(got["bbox"][k])) or got["bbox"][k] == v, k
+
+
+def _run(evaluator, preds):
+    evaluator.reset()
+    for inp, out in preds:
+        evaluator.process([inp], [out])
+    return evaluator.evaluate()
+
+
+def test_streaming_matches_detectron2_evaluator(fake_coco, tmp_path):
+    name, preds = fake_coco
+    ref = _run(FocalCOCOEvaluator(name, ("bbox",), False, str(tmp_path / "ref")), preds)
+    got = _run(StreamingCOCOEvaluator(name, ("bbox",), False, str(tmp_path / "new")), preds)
+    assert ref["bbox"]["AP"] > 0
+    _assert_same(got, ref)
+    with open(tmp_path / "ref" / "coco_instances_results.json") as f:
+        ref_json = json.load(f)
+    with open(tmp_path / "new" / "coco_instances_results.json") as f:
+        assert json.load(f) == ref_json
+
+
+def test_streaming_gathers_across_workers(fake_coco, tmp_path, monkeypatch):
+    name, preds = fake_coco
+    ref = _run(StreamingCOCOEvaluator(name, ("bbox",), False), preds)
+    # Two "workers" evaluate interleaved halves; the main process gathers both (comm.gather).
+    workers = [StreamingCOCOEvaluator(name, ("bbox",), True) for _ in range(2)]
+    for w in workers:
+        w.reset()
+    for i, (inp, out) in enumerate(preds):
+        workers[i % 2].process([inp], [out])
+    gathered = []
+    for w in workers:  # what each worker contributes to comm.gather
+        w._distributed = False
+        gathered.append(w._gather()[0])
+    workers[0]._distributed = True
+    monkeypatch.setattr(streaming.comm, "synchronize", lambda: None)
+    monkeypatch.setattr(streaming.comm, "gather", lambda data, dst=0: gathered)
+    monkeypatch.setattr(streaming.comm, "is_main_process", lambda: True)
+    got = workers[0].evaluate()
+    _assert_same(got, ref)
+    # Every image's detections arrived exactly once.
+    ids = np.concatenate([g[0] for g in gathered])
+    assert sorted(ids.tolist()) == list(range(1, len(preds) + 1))
