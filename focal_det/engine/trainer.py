@@ -12,6 +12,12 @@ Everything is detectron2's ``DefaultTrainer`` except:
     training (gloo) could not start;
   * ``setup`` falls back to ``MODEL.DEVICE = "cpu"`` with a warning when CUDA is absent, so the
     paper configs (detectron2's default device is "cuda") can be evaluated or smoke-trained on CPU.
+  * reliability (README "Reliability"): ``setup`` checks every config key/value/combination
+    before any work (``focal_det.config_check``); checkpoints are written atomically, never with
+    NaN weights, and loaded without running code (``SafeDetectionCheckpointer``); a non-finite
+    loss stops with the iteration, the loss and a hint (``explain_non_finite_loss``); the train
+    loader drops degenerate boxes, names unreadable images and resumes its data stream exactly
+    (``focal_det.data.sanitize``, ``focal_det.data.resumable``, ``ResumableDataHook``).
 """
 import logging
 import os
@@ -19,6 +25,7 @@ import weakref
 
 import torch
 from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
@@ -27,7 +34,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_focal_config
+from ..config_check import check_config, merge_config_file, merge_config_list
+from ..data.resumable import build_resumable_train_loader
+from ..data.sanitize import FileNamingMapper, check_dataset_files, load_dataset_dicts
 from ..evaluation import build_coco_evaluator
+from .hooks import ResumableDataHook, explain_non_finite_loss, find_resumable_sampler
 
 __all__ = ["Trainer", "setup", "main", "create_ddp_model"]
 
@@ -95,6 +106,46 @@ class Trainer(DefaultTrainer):
         res = super().train()
         return res if res is not None else getattr(self, "_last_eval_results", None)
 
+    def run_step(self):
+        # A NaN/Inf loss stops with the iteration, the loss and a hint; nothing is saved after.
+        with explain_non_finite_loss(self.cfg, self.iter, self.checkpointer):
+            super().run_step()
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        sampler = find_resumable_sampler(self._trainer.data_loader)
+        if sampler is not None:
+            ret.append(ResumableDataHook(sampler))  # data stream seed + position on --resume
+        return ret
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """
+        Returns:
+            detectron2's train loader over the sanitised dataset (degenerate boxes dropped,
+            unreadable images named), with a data stream that ``--resume`` continues exactly
+            (``focal_det.data.resumable``); detectron2's own loader for samplers other than
+            ``TrainingSampler``.
+        """
+        mapper = FileNamingMapper(DatasetMapper(cfg, True))
+        dicts = load_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            logger.warning(
+                f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: --resume will not "
+                "continue the data stream exactly (only TrainingSampler does)."
+            )
+            return super().build_train_loader(cfg)
+        return build_resumable_train_loader(cfg, dicts, mapper)[0]
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_dataset_files(dataset_name)  # a clear message for a missing COCO folder
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=FileNamingMapper(DatasetMapper(cfg, False))
+        )
+
     @classmethod
     def build_checkpointer(cls, cfg, model, save_dir="", **checkpointables):
         """
@@ -135,15 +186,18 @@ def setup(args):
     """
     cfg = get_cfg()
     add_focal_config(cfg)
+    # Checked merges: an unknown key / wrong type names the key, its file and the closest key;
+    # YAML is read with yaml.safe_load only.
     if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+        merge_config_file(cfg, args.config_file)
+    merge_config_list(cfg, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("detectron2").warning(
             "MODEL.DEVICE=%s but CUDA is not available: running on CPU instead.",
             cfg.MODEL.DEVICE,
         )
         cfg.MODEL.DEVICE = "cpu"
+    check_config(cfg, world_size=comm.get_world_size())  # settings that cannot work together
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
