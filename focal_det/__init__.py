@@ -5,14 +5,16 @@ Importing this package registers, as a side effect:
   * the meta-architecture ``FocalRetinaNet`` in detectron2's ``META_ARCH_REGISTRY``;
   * the heads in ``focal_det.modeling.FOCAL_HEAD_REGISTRY``;
   * the classification losses in ``focal_det.losses.FOCAL_LOSS_REGISTRY``;
-  * the demo's ``build_mobilenet_v2_fpn_backbone`` in detectron2's ``BACKBONE_REGISTRY``.
+  * the demo's ``build_mobilenet_v2_fpn_backbone`` in detectron2's ``BACKBONE_REGISTRY``;
+  * the demo's datasets ``deepforest_trees_train`` / ``deepforest_trees_val`` (focal_det.data).
 """
 __version__ = "0.1.0"
 
 from . import (
+    data,  # noqa: E402,F401  (registers the demo datasets deepforest_trees_train/_val)
     losses,  # noqa: E402,F401  (registers the losses)
     modeling,  # noqa: E402,F401  (registers meta-arch, heads, backbones)
 )
 from .config import add_focal_config  # noqa: E402,F401
 
-__all__ = ["add_focal_config", "losses", "modeling", "__version__"]
+__all__ = ["add_focal_config", "data", "losses", "modeling", "__version__"]
