@@ -33,7 +33,7 @@ R101 = "detectron2://ImageNetPretrained/MSRA/R-101.pkl"
 X101 = "detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl"
 TRAINVAL35K = ("coco_2014_train", "coco_2014_valminusminival")
 MINIVAL = ("coco_2014_minival",)
-TEST_DEV = ("coco_2017_test-dev",)  # the test-dev images of the paper (2015 = 2017 test-dev)
+TEST_DEV = ("coco_2017_test-dev",)  # the test-dev split detectron2 registers
 
 # ---- the paper's tables, row by row: (config file, the row's settings) ----
 # Table 1a: alpha-balanced CE

@@ -113,3 +113,29 @@ def test_sha256_is_verified(tmp_path, monkeypatch):
     monkeypatch.setitem(ckpt_module.KNOWN_SHA256, str(path), "f" * 64)
     with pytest.raises(ValueError, match="sha256"):
         FocalCheckpointer(_tiny_model()).load(str(path))
+
+
+def test_model_zoo_md_is_up_to_date_and_covers_every_paper_row():
+    import os
+
+    from focal_det.model_zoo.model_zoo_md import paper_row, render
+    from focal_det.paper_tables import PAPER_TABLES
+
+    path = os.path.join(os.path.dirname(model_zoo.get_config_file("Base-RetinaNet.yaml")), "..",
+                        "MODEL_ZOO.md")  # fmt: skip
+    with open(path) as f:
+        assert f.read() == render(), (
+            "MODEL_ZOO.md is stale: python -m focal_det.model_zoo.model_zoo_md > MODEL_ZOO.md"
+        )
+    # Each paper row is reached by exactly one config, found from the config's values.
+    seen = {}
+    for name in model_zoo.list_configs():
+        table, row = paper_row(name, model_zoo.get_config(name))
+        if table is None:
+            continue
+        assert row is not None, name
+        key = (table, tuple(sorted((k, str(v)) for k, v in row.items())))
+        assert key not in seen, f"{name} and {seen.get(key)} are the same paper row"
+        seen[key] = name
+    for table, t in PAPER_TABLES.items():
+        assert sum(1 for k in seen if k[0] == table) == len(t.rows), table
