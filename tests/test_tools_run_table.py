@@ -38,8 +38,8 @@ LOG = """\
 [11/30 06:00:20 d2.evaluation.testing]: copypaste: {ap:.4f},52.5000,36.5000,nan,20.0000,nan
 """
 
-# A stand-in for train_net.py: logs like detectron2 with AP = 100 * alpha (so each row's number
-# is traceable), and diverges like a real run for alpha = 0.1.
+# A stand-in for train_net.py: logs like detectron2 with AP = 100 * alpha + seed (so each row's
+# number is traceable), detects nothing for alpha = 0.25, diverges like a real run for 0.1.
 FAKE_TRAIN_NET = textwrap.dedent(
     """
     import os, sys
@@ -54,8 +54,13 @@ FAKE_TRAIN_NET = textwrap.dedent(
         print("FloatingPointError: Loss became infinite or NaN at iteration=3!")
         sys.exit(1)
     ap = 100 * alpha + int(opts["SEED"])
+    if alpha == 0.25:  # no detection above the score threshold: detectron2 logs NaN
+        ap = float("nan")
+    text = LOG.format(out=out, ap=ap)
+    if ap != ap:
+        text = text.replace("nan,52.5000,36.5000", "nan,nan,nan")
     with open(os.path.join(out, "log.txt"), "w") as f:
-        f.write(LOG.format(out=out, ap=ap))
+        f.write(text)
     """
 )
 
@@ -140,6 +145,7 @@ def test_run_table_runs_resumes_and_records_failures(tmp_path, capsys):
     cells = [c.strip() for c in lines["0.75"].split("|")[1:-1]]
     assert cells == ["0.75", "75.5", "52.5", "36.5", "75.0 / 76.0", "31.1", "49.4", "33"]
     assert "failed" in lines["0.1"] and "FloatingPointError" in md
+    assert "0.0* / 0.0*" in lines["0.25"] and "no detection above" in md
     data = json.loads((root / "demo" / "table1a.json").read_text())
     assert data["rows"][0]["runs"][0]["state"] == "failed"
     assert data["rows"][3]["runs"][1]["metrics"]["AP"] == 76.0

@@ -391,6 +391,10 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _ap_value(state: Dict, metric: str) -> float:
+    return 0.0 if state.get("no_detections") else state["metrics"].get(metric, math.nan)
+
+
 def summarize(table: str, runs: List[Run]) -> List[Dict]:
     """One dict per paper row: settings, paper metrics, our per-seed metrics and their mean."""
     out, by_row = [], {}
@@ -403,9 +407,12 @@ def summarize(table: str, runs: List[Run]) -> List[Dict]:
             s = r.status or run_state(r)
             seeds.append({"seed": r.seed, "output_dir": r.output_dir, **s})
         done = [s for s in seeds if s["state"] == "done"]
+        for s in done:
+            # detectron2's COCO evaluator reports NaN when the model output no detection above
+            # the test score threshold; COCO AP is then 0 (nothing found), counted as such.
+            s["no_detections"] = all(math.isnan(s["metrics"].get(m, math.nan)) for m in METRICS)
         mean = {
-            m: statistics.mean(s["metrics"].get(m, math.nan) for s in done) if done else None
-            for m in METRICS
+            m: statistics.mean(_ap_value(s, m) for s in done) if done else None for m in METRICS
         }
         out.append(
             {
@@ -445,13 +452,18 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
         per_seed = []
         for r in s["runs"]:
             if r["state"] == "done":
-                per_seed.append(f"{r['metrics'].get('AP', math.nan):.1f}")
-            else:
+                per_seed.append(f"{_ap_value(r, 'AP'):.1f}" + ("*" if r["no_detections"] else ""))
+            elif r["state"] != "pending" or s["ours_mean"]["AP"] is None:
+                # A seed not run yet is left out once another seed of the row has a result.
                 per_seed.append(r["state"])
         cells.append(" / ".join(per_seed))
         cells += [_cell(s["paper"][m]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
+    if any(r.get("no_detections") for s in summary for r in s["runs"]):
+        notes.append(
+            "- \\* no detection above the test score threshold (COCO AP undefined; counted as 0)"
+        )
     for s in summary:
         for r in s["runs"]:
             if r["state"] in ("failed", "skipped"):
