@@ -1,0 +1,209 @@
+"""
+Speed-ups of FocalRetinaNet that leave its numbers unchanged (to float rounding).
+
+Where a RetinaNet R50-FPN training iteration spends its time on CPU (torch.profiler, one
+800x1067 image, 2 threads; ``benchmarks/profile_train.py``): ~70-75 % in convolution backward,
+~20 % in the backbone and head forward, and in detectron2's RetinaNet ~6 % in the focal loss
+path (one-hot + fvcore's loss), which focal_det's fused label-based loss removes. What is left to
+win is therefore in the convolutions and the elementwise passes around them:
+
+* :func:`convert_to_channels_last` (``MODEL.FOCAL.CHANNELS_LAST``): oneDNN's convolutions, forward
+  and above all backward, run ~1.3-1.5x faster on NHWC tensors than on NCHW ones on this CPU,
+  since NCHW inputs are reordered to a blocked layout and back at every call. The head's
+  (N, A*K, H, W) outputs then also turn into (N, H*W*A, K) with a free view instead of a copy.
+* :func:`fold_frozen_bn` (``MODEL.FOCAL.FOLD_FROZEN_BN``): a FrozenBN after a convolution is an
+  affine map per output channel, so ``bn(conv(x, W, b)) = conv(x, W * s, b * s + t)``. Folding it
+  into the (tiny) weight at each call removes two full passes over the activation in the forward
+  pass and one in the backward pass, for each of the ~50 FrozenBN layers of a ResNet-50. The
+  gradient with respect to W is unchanged (autograd goes through ``W * s``).
+* :func:`compile_forward` (``MODEL.FOCAL.COMPILE_HEAD``): ``torch.compile`` of a module's forward,
+  in place, so that parameter names (and checkpoints) do not change; if the compiler is missing
+  or fails, a warning is printed and the eager forward is used.
+* :func:`decode_top_candidates`: inference that takes the top-k of each level's *logits* before
+  anything else and applies the sigmoid and the score threshold to those k only. detectron2
+  applies the sigmoid to all H*W*A*K logits, compares all of them with the threshold and builds
+  the (#passing, 2) index list of every passing score (millions for a confident model) before
+  its top-k. Same detections: the top-k of the scores above the threshold are the top-k scores
+  that are above the threshold.
+"""
+import logging
+import types
+import warnings
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.structures import Boxes, Instances
+from torch import Tensor, nn
+
+__all__ = [
+    "compile_forward",
+    "convert_to_channels_last",
+    "decode_top_candidates",
+    "fold_frozen_bn",
+    "torch_compile_works",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# channels-last
+# ---------------------------------------------------------------------------------------------
+def convert_to_channels_last(module: nn.Module) -> nn.Module:
+    """
+    Store the 4-D parameters of ``module`` (its convolutions' weights) in channels-last (NHWC)
+    order, in place. Convolutions whose weight is channels-last produce channels-last outputs
+    from any input, so the whole network then runs NHWC without converting the images.
+    Values, names and shapes of the parameters are unchanged; only strides differ.
+    """
+    return module.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# FrozenBN folding
+# ---------------------------------------------------------------------------------------------
+def _conv_frozen_bn_forward(self: Conv2d, x: Tensor) -> Tensor:
+    """``Conv2d.forward`` with its FrozenBN folded into the weight and bias (see module doc)."""
+    bn = self.norm
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
+    shift = bn.bias - bn.running_mean * scale
+    weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
+    if self.weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = shift if self.bias is None else self.bias * scale + shift
+    x = F.conv2d(x, weight, bias.to(weight.dtype), self.stride, self.padding, self.dilation,
+                 self.groups)
+    if self.activation is not None:
+        x = self.activation(x)
+    return x
+
+
+def fold_frozen_bn(module: nn.Module) -> int:
+    """
+    In every detectron2 ``Conv2d`` of ``module`` whose ``norm`` is a ``FrozenBatchNorm2d``, fold
+    the norm into the convolution at call time (the modules, their parameters, buffers and
+    state-dict keys stay as they are, so checkpoints load unchanged and the BN statistics can
+    still be changed afterwards). Returns the number of convolutions changed.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d):
+            m.forward = types.MethodType(_conv_frozen_bn_forward, m)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile with a fallback
+# ---------------------------------------------------------------------------------------------
+_COMPILE_PROBE: dict = {}
+
+
+def torch_compile_works(device: str = "cpu") -> Tuple[bool, str]:
+    """
+    Whether ``torch.compile`` can build a forward and a backward kernel on ``device`` here (it
+    needs a C++ compiler on CPU, Triton on GPU). Probed once per device with a tiny function;
+    returns (ok, reason).
+    """
+    if device in _COMPILE_PROBE:
+        return _COMPILE_PROBE[device]
+    if not hasattr(torch, "compile"):
+        result = (False, f"torch {torch.__version__} has no torch.compile")
+    else:
+        try:
+            fn = torch.compile(lambda t: torch.relu(t * 2.0).sum(), fullgraph=True)
+            x = torch.randn(8, device=device, requires_grad=True)
+            fn(x).backward()
+            result = (True, "")
+        except Exception as e:  # any compiler/toolchain failure means "use eager"
+            result = (False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    _COMPILE_PROBE[device] = result
+    return result
+
+
+def compile_forward(module: nn.Module, device: str = "cpu", **compile_kwargs) -> bool:
+    """
+    Replace ``module.forward`` by its ``torch.compile``-d version, in place (parameter names
+    and ``state_dict`` keys are unchanged, unlike wrapping the module in ``torch.compile``).
+    If compilation is unavailable, or fails on the first call, warn once and run eager.
+    Returns whether the compiled forward was installed.
+    """
+    ok, why = torch_compile_works(device)
+    if not ok:
+        warnings.warn(
+            f"MODEL.FOCAL.COMPILE_HEAD: torch.compile is not usable on {device} ({why}); "
+            f"running {type(module).__name__} eagerly.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    eager = module.forward
+    compiled = torch.compile(eager, **compile_kwargs)
+    state = {"failed": False}
+
+    def forward(*args, **kwargs):
+        if not state["failed"]:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # compiler failure on these shapes: fall back for good
+                state["failed"] = True
+                warnings.warn(
+                    f"torch.compile of {type(module).__name__} failed "
+                    f"({type(e).__name__}: {e}); falling back to eager.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return eager(*args, **kwargs)
+
+    module.forward = forward
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------
+def decode_top_candidates(
+    box2box_transform,
+    anchors: Boxes,
+    pred_logits: Tensor,
+    pred_deltas: Tensor,
+    score_thresh: float,
+    topk_candidates: int,
+    image_size: Tuple[int, int],
+) -> Instances:
+    """
+    One level of RetinaNet inference, equal to detectron2's
+    ``DenseDetector._decode_per_level_predictions`` applied to ``pred_logits.sigmoid()``.
+
+    Args:
+        box2box_transform: the model's ``Box2BoxTransform``.
+        anchors (Boxes): (R_l, 4) anchors of this level.
+        pred_logits (Tensor): (R_l, K) classification LOGITS (not probabilities).
+        pred_deltas (Tensor): (R_l, 4) box deltas.
+        score_thresh (float): keep probabilities > this.
+        topk_candidates (int): keep at most this many (anchor, class) pairs.
+        image_size: (H, W) for the returned Instances.
+
+    Returns:
+        Instances with ``pred_boxes``, ``scores`` (probabilities, descending), ``pred_classes``.
+    """
+    num_classes = pred_logits.shape[1]
+    flat = pred_logits.reshape(-1)
+    k = min(topk_candidates, flat.numel())
+    top_logits, top_idxs = flat.topk(k)  # sorted, descending
+    # The sigmoid is monotonic, so thresholding after the top-k keeps exactly detectron2's set
+    # (its top-k of the passing scores); computing it on k values instead of R_l*K is the win.
+    top_scores = top_logits.sigmoid()
+    keep = top_scores > score_thresh
+    scores = top_scores[keep]
+    idxs = top_idxs[keep]
+    anchor_idxs = idxs // num_classes
+    classes_idxs = idxs % num_classes
+    pred_boxes = box2box_transform.apply_deltas(
+        pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
+    )
+    return Instances(
+        image_size, pred_boxes=Boxes(pred_boxes), scores=scores, pred_classes=classes_idxs
+    )
