@@ -22,6 +22,7 @@ global RNG, which also restarts. Here:
 Guarantee: with the same config, a run resumed from the checkpoint of iteration k sees the same
 batches, augmented the same way, as the uninterrupted run from iteration k on.
 """
+
 import itertools
 import logging
 import random
@@ -50,8 +51,17 @@ class ResumableTrainingSampler(Sampler):
             each batch then holds images of one group, as detectron2's aspect-ratio grouping.
     """
 
-    def __init__(self, size, batch_size, seed, *, shuffle=True, aspect_groups=None,
-                 rank=None, world_size=None):
+    def __init__(
+        self,
+        size,
+        batch_size,
+        seed,
+        *,
+        shuffle=True,
+        aspect_groups=None,
+        rank=None,
+        world_size=None,
+    ):
         if size <= 0:
             raise ValueError(f"Cannot sample from an empty dataset (size={size}).")
         self._size = int(size)
@@ -147,8 +157,7 @@ def build_resumable_train_loader(cfg, dataset_dicts, mapper):
     groups = None
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
         groups = [int(d["width"] > d["height"]) for d in dataset_dicts]
-    sampler = ResumableTrainingSampler(len(dataset_dicts), batch_size, seed,
-                                       aspect_groups=groups)
+    sampler = ResumableTrainingSampler(len(dataset_dicts), batch_size, seed, aspect_groups=groups)
     dataset = SeededMapDataset(dataset_dicts, mapper, sampler, rank=comm.get_rank())
     loader = build_detection_train_loader(
         dataset,

@@ -14,6 +14,7 @@ or a silent NaN:
   (PIL's "cannot identify image file <_io.BufferedReader ...>" or "image file is truncated"
   does not always).
 """
+
 import copy
 import itertools
 import logging
@@ -45,7 +46,8 @@ def missing_dataset_files_message(name, json_file=None, image_root=None):
     """The message for a registered dataset whose annotation file or image folder is absent."""
     root = os.environ.get("DETECTRON2_DATASETS")
     env = (
-        f"DETECTRON2_DATASETS={root}" if root
+        f"DETECTRON2_DATASETS={root}"
+        if root
         else "DETECTRON2_DATASETS is not set, so detectron2 looks under ./datasets"
     )
     missing = []
@@ -161,7 +163,8 @@ def load_dataset_dicts(names, *, filter_empty=True):
             raise FileNotFoundError(
                 missing_dataset_files_message(
                     name, meta.get("json_file", None), meta.get("image_root", None)
-                ) + f"\n(original error: {e})"
+                )
+                + f"\n(original error: {e})"
             ) from e
         if not len(dicts):
             raise ValueError(f"Dataset '{name}' is empty.")

@@ -186,6 +186,23 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             trust_pickle = os.environ.get("FOCAL_TRUST_PICKLE", "0") == "1"
         self.trust_pickle = trust_pickle
         self._refuse_reason = None
+        self._cleaned = False
+
+    def _remove_stale_temp_files(self):
+        # A run killed inside atomic_write_bytes leaves its ".<name>.<random>.tmp" behind (never
+        # under the final name). The first save of the next run removes them: only the main
+        # process of one run writes to a save_dir.
+        folder = PathManager.get_local_path(self.save_dir)
+        if not os.path.isdir(folder):
+            return
+        for f in os.listdir(folder):
+            ours = ".pth." in f or f.startswith(".last_checkpoint.")
+            if f.startswith(".") and f.endswith(".tmp") and ours:
+                try:
+                    os.unlink(os.path.join(folder, f))
+                    self.logger.info(f"Removed the partial checkpoint {f} of an interrupted run.")
+                except OSError:
+                    pass
 
     # ---- saving -------------------------------------------------------------------------
     def refuse_saves(self, reason):
@@ -213,6 +230,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         data.update(kwargs)
 
+        if not self._cleaned:
+            self._remove_stale_temp_files()
+            self._cleaned = True
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         assert os.path.basename(save_file) == basename, basename
