@@ -20,8 +20,8 @@ QUICK = os.path.join(REPO, "configs", "quick", "retinanet_tiny_quick.yaml")
 
 def _args(tmp, *extra, eval_only=False, resume=False, num_gpus=1):
     opts = [
-        "DATASETS.TRAIN", "('synthetic_train',)",
-        "DATASETS.TEST", "('synthetic_test',)",
+        "DATASETS.TRAIN", "('fdet_engine_synth_train',)",
+        "DATASETS.TEST", "('fdet_engine_synth_test',)",
         "MODEL.RETINANET.NUM_CLASSES", "3",
         "OUTPUT_DIR", os.path.join(tmp, "out"),
         "SEED", "0",
@@ -37,8 +37,9 @@ def _args(tmp, *extra, eval_only=False, resume=False, num_gpus=1):
 
 
 def _register(tmp):
-    synthetic_detection.register("synthetic_train", os.path.join(tmp, "train"), num_images=4)
-    synthetic_detection.register("synthetic_test", os.path.join(tmp, "test"), num_images=4)
+    train, test = os.path.join(tmp, "train"), os.path.join(tmp, "test")
+    synthetic_detection.register("fdet_engine_synth_train", train, num_images=4)
+    synthetic_detection.register("fdet_engine_synth_test", test, num_images=4)
 
 
 def _free_port():

@@ -101,6 +101,7 @@ def render():
         "",
     ]
     names = list_configs()
+    cfgs = {name: get_config(name) for name in names}
     titles = {
         "1a": "Table 1a: alpha-balanced CE",
         "1b": "Table 1b: focal loss, gamma with its best alpha",
@@ -119,7 +120,7 @@ def render():
         head += ["ours AP"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in names:
-            cfg = get_config(name)
+            cfg = cfgs[name]
             t, row = paper_row(name, cfg)
             if t != table:
                 continue
