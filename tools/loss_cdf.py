@@ -380,8 +380,10 @@ def setup_cfg(args):
 
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    from focal_det.config_check import merge_config_file, merge_config_list
+
+    merge_config_file(cfg, args.config_file)  # unknown keys / wrong types: clear message
+    merge_config_list(cfg, args.opts)
     if args.weights is not None:
         cfg.MODEL.WEIGHTS = args.weights
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -405,10 +407,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if any(g < 0 for g in args.gammas):
         raise SystemExit(f"--gammas must be >= 0; got {args.gammas}")
 
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     import focal_det  # noqa: F401  (registers the model and the demo datasets)
+    from focal_det.checkpoint import FocalCheckpointer
 
     cfg = setup_cfg(args)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
@@ -421,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "such as FocalRetinaNet or detectron2's RetinaNet"
         )
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        FocalCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # no code run from the file
     else:
         logger.warning("No weights given: the curves describe the model at initialisation.")
     loader = build_loader(cfg, dataset, args.max_images, args.seed, args.num_workers)

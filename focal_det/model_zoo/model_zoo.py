@@ -15,6 +15,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from ..config import add_focal_config
+from ..config_check import merge_config_file
 
 __all__ = ["get_config_file", "get_config", "get_checkpoint_url", "get", "list_configs"]
 
@@ -103,7 +104,7 @@ def get_config(config_path: str, trained: bool = False):
     """
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(get_config_file(config_path))
+    merge_config_file(cfg, get_config_file(config_path))  # checked keys, yaml.safe_load only
     if trained:
         cfg.MODEL.WEIGHTS = get_checkpoint_url(config_path)
     return cfg
