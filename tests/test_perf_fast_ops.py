@@ -56,7 +56,7 @@ def _outputs_and_grads(model, x):
 def test_fold_frozen_bn_equals_detectron2_frozen_bn(channels_last):
     ref = _frozen_bn_resnet()
     fast = copy.deepcopy(ref)
-    n = fast_ops.fold_frozen_bn(fast)
+    n = fast_ops.fold_frozen_bn_into_convs(fast)
     assert n == sum(isinstance(m, FrozenBatchNorm2d) for m in ref.modules()) > 0
     if channels_last:
         fast_ops.convert_to_channels_last(fast)
@@ -90,7 +90,7 @@ def test_folding_follows_changed_statistics():
     """The fold happens at call time, so a checkpoint loaded afterwards is honoured."""
     ref = _frozen_bn_resnet(seed=1)
     fast = _frozen_bn_resnet(seed=2)
-    fast_ops.fold_frozen_bn(fast)
+    fast_ops.fold_frozen_bn_into_convs(fast)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -166,3 +166,40 @@ def test_compile_forward_falls_back_when_first_call_fails(monkeypatch):
         warnings.simplefilter("error")  # warned once; later calls are plain eager
         torch.testing.assert_close(conv(x), expected)
     assert list(conv.state_dict()) == keys
+
+
+def _tiny_retinanet_cfg():
+    from focal_det.demo_job import tiny_cfg
+
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"  # what fold_frozen_bn_into_convs acts on
+    cfg.MODEL.RETINANET.NUM_CLASSES = 5
+    return cfg
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_inference_equals_detectron2_retinanet(channels_last):
+    """detectron2's RetinaNet vs the same weights with every inference speed-up applied."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    ref = build_model(_tiny_retinanet_cfg()).eval()
+    with torch.no_grad():
+        # Confident enough that thousands of (anchor, class) pairs pass the 0.05 threshold
+        # and the per-level top-k and NMS do real work.
+        ref.head.cls_score.bias.fill_(-1.5)
+    fast_cls = type("FastRetinaNet", (fast_ops.TopCandidatesInference, RetinaNet), {})
+    fast = fast_cls(**RetinaNet.from_config(_tiny_retinanet_cfg())).eval()
+    fast.load_state_dict(ref.state_dict())
+    fast_ops.apply_speed_options(fast, channels_last=channels_last, fold_frozen_bn=True)
+    inputs = [{"image": torch.rand(3, 96, 128) * 255}, {"image": torch.rand(3, 80, 120) * 255}]
+    with torch.no_grad():
+        out_ref = ref(inputs)
+        out_fast = fast(inputs)
+    for r, f in zip(out_ref, out_fast):
+        r, f = r["instances"], f["instances"]
+        assert len(r) == len(f) > 20
+        torch.testing.assert_close(f.scores, r.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f.pred_classes, r.pred_classes)
+        torch.testing.assert_close(f.pred_boxes.tensor, r.pred_boxes.tensor, rtol=1e-4, atol=1e-3)

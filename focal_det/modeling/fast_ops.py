@@ -11,11 +11,12 @@ win is therefore in the convolutions and the elementwise passes around them:
   and above all backward, run ~1.3-1.5x faster on NHWC tensors than on NCHW ones on this CPU,
   since NCHW inputs are reordered to a blocked layout and back at every call. The head's
   (N, A*K, H, W) outputs then also turn into (N, H*W*A, K) with a free view instead of a copy.
-* :func:`fold_frozen_bn` (``MODEL.FOCAL.FOLD_FROZEN_BN``): a FrozenBN after a convolution is an
-  affine map per output channel, so ``bn(conv(x, W, b)) = conv(x, W * s, b * s + t)``. Folding it
-  into the (tiny) weight at each call removes two full passes over the activation in the forward
-  pass and one in the backward pass, for each of the ~50 FrozenBN layers of a ResNet-50. The
-  gradient with respect to W is unchanged (autograd goes through ``W * s``).
+* :func:`fold_frozen_bn_into_convs` (``MODEL.FOCAL.FOLD_FROZEN_BN``): a FrozenBN after a
+  convolution is an affine map per output channel, so ``bn(conv(x, W, b)) = conv(x, W * s,
+  b * s + t)``. Folding it into the (tiny) weight at each call removes two full passes over the
+  activation in the forward pass and one in the backward pass, for each of the ~50 FrozenBN
+  layers of a ResNet-50. The gradient with respect to W is unchanged (autograd goes through
+  ``W * s``).
 * :func:`compile_forward` (``MODEL.FOCAL.COMPILE_HEAD``): ``torch.compile`` of a module's forward,
   in place, so that parameter names (and checkpoints) do not change; if the compiler is missing
   or fails, a warning is printed and the eager forward is used.
@@ -29,19 +30,21 @@ win is therefore in the convolutions and the elementwise passes around them:
 import logging
 import types
 import warnings
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
-from detectron2.structures import Boxes, Instances
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, batched_nms
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
 __all__ = [
+    "TopCandidatesInference",
+    "apply_speed_options",
     "compile_forward",
     "convert_to_channels_last",
     "decode_top_candidates",
-    "fold_frozen_bn",
+    "fold_frozen_bn_into_convs",
     "torch_compile_works",
 ]
 
@@ -80,7 +83,7 @@ def _conv_frozen_bn_forward(self: Conv2d, x: Tensor) -> Tensor:
     return x
 
 
-def fold_frozen_bn(module: nn.Module) -> int:
+def fold_frozen_bn_into_convs(module: nn.Module) -> int:
     """
     In every detectron2 ``Conv2d`` of ``module`` whose ``norm`` is a ``FrozenBatchNorm2d``, fold
     the norm into the convolution at call time (the modules, their parameters, buffers and
@@ -207,3 +210,66 @@ def decode_top_candidates(
     return Instances(
         image_size, pred_boxes=Boxes(pred_boxes), scores=scores, pred_classes=classes_idxs
     )
+
+
+class TopCandidatesInference:
+    """
+    Mixin for a detectron2 ``RetinaNet`` (sub)class: its ``forward_inference`` runs
+    :func:`decode_top_candidates` on the logits instead of detectron2's sigmoid-everything
+    decoding. Same detections (tested against detectron2's). ``inference_single_image`` and
+    ``_decode_per_level_predictions`` are left as detectron2 defines them (they take
+    probabilities), for callers that use them directly.
+    """
+
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ):
+        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4]
+        )
+        anchors = self.anchor_generator(features)
+        results: List[Instances] = []
+        for img_idx, image_size in enumerate(images.image_sizes):
+            per_level = [
+                decode_top_candidates(
+                    self.box2box_transform,
+                    anchors_l,
+                    logits_l[img_idx],
+                    deltas_l[img_idx],
+                    self.test_score_thresh,
+                    self.test_topk_candidates,
+                    image_size,
+                )
+                for anchors_l, logits_l, deltas_l in zip(anchors, pred_logits, pred_anchor_deltas)
+            ]
+            pred = Instances.cat(per_level)
+            keep = batched_nms(  # per-class NMS, as detectron2
+                pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
+            )
+            results.append(pred[keep[: self.max_detections_per_image]])
+        return results
+
+
+def apply_speed_options(
+    model: nn.Module,
+    *,
+    channels_last: bool = False,
+    fold_frozen_bn: bool = False,
+    compile_head: bool = False,
+) -> nn.Module:
+    """
+    Apply the numerically neutral speed-ups to a RetinaNet-like ``model`` (with ``backbone`` and
+    ``head`` attributes), in place; see the module docstring. Call it after the parameters are
+    on their final device: a later ``.to(device)`` keeps the channels-last strides.
+    """
+    if fold_frozen_bn:
+        fold_frozen_bn_into_convs(model)
+    if channels_last:
+        convert_to_channels_last(model.backbone)
+        convert_to_channels_last(model.head)
+    if compile_head:
+        device = next(model.head.parameters()).device.type
+        # dynamic=False: a few static shapes (one per level and image size) compile to
+        # better kernels than one dynamic graph; detectron2 pads images to multiples of 32.
+        compile_forward(model.head, device=device, dynamic=False)
+    return model
