@@ -76,7 +76,9 @@ def _run(evaluator, preds):
 def test_streaming_matches_detectron2_evaluator(fake_coco, tmp_path):
     name, preds = fake_coco
     ref = _run(FocalCOCOEvaluator(name, ("bbox",), False, str(tmp_path / "ref")), preds)
-    got = _run(StreamingCOCOEvaluator(name, ("bbox",), False, str(tmp_path / "new")), preds)
+    # Chunks of 5 images: 16 images -> 4 chunks, the last one partial.
+    got = _run(StreamingCOCOEvaluator(name, ("bbox",), False, str(tmp_path / "new"),
+                                      chunk_images=5), preds)
     assert ref["bbox"]["AP"] > 0
     _assert_same(got, ref)
     with open(tmp_path / "ref" / "coco_instances_results.json") as f:
@@ -89,7 +91,7 @@ def test_streaming_gathers_across_workers(fake_coco, tmp_path, monkeypatch):
     name, preds = fake_coco
     ref = _run(StreamingCOCOEvaluator(name, ("bbox",), False), preds)
     # Two "workers" evaluate interleaved halves; the main process gathers both (comm.gather).
-    workers = [StreamingCOCOEvaluator(name, ("bbox",), True) for _ in range(2)]
+    workers = [StreamingCOCOEvaluator(name, ("bbox",), True, chunk_images=3) for _ in range(2)]
     for w in workers:
         w.reset()
     for i, (inp, out) in enumerate(preds):
@@ -107,3 +109,11 @@ def test_streaming_gathers_across_workers(fake_coco, tmp_path, monkeypatch):
     # Every image's detections arrived exactly once.
     ids = np.concatenate([g[0] for g in gathered])
     assert sorted(ids.tolist()) == list(range(1, len(preds) + 1))
+
+
+def test_streaming_matches_with_custom_max_dets(fake_coco):
+    name, preds = fake_coco
+    kw = dict(max_dets_per_image=20)
+    ref = _run(FocalCOCOEvaluator(name, ("bbox",), False, **kw), preds)
+    got = _run(StreamingCOCOEvaluator(name, ("bbox",), False, chunk_images=7, **kw), preds)
+    _assert_same(got, ref)

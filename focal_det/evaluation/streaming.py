@@ -13,11 +13,17 @@ them all again to gather them on the main process, ``torch.save``-s them to
     process in worker order;
   * writing ``coco_instances_results.json`` detection by detection (no giant string) and the
     compact arrays to ``instances_predictions.npz`` instead of a pickle of dicts.
-Only COCO's own evaluation (pycocotools ``loadRes``/``COCOeval``) still needs per-detection
-Python objects; they are built once, at evaluation time, and freed right after.
+  * running pycocotools' ``COCOeval.evaluate`` on chunks of ``chunk_images`` images (only that
+    chunk's detections become Python dicts) and keeping, per image x category x area, only what
+    ``COCOeval.accumulate`` reads, as compact arrays (bool matches instead of float64 gt ids, no
+    id lists). pycocotools' own ``accumulate``/``summarize`` then run unchanged on those, so the
+    numbers are pycocotools' exactly. ``evaluate`` on all images at once keeps ~1.7 kB of Python
+    objects per (image, category, area) until the end: the bulk of detectron2's peak memory.
 Measured by ``benchmarks/eval_memory.py`` (README "Reliability").
 """
+import contextlib
 import copy
+import io
 import json
 import os
 from collections import OrderedDict
@@ -33,8 +39,88 @@ from .coco import FocalCOCOEvaluator
 __all__ = ["StreamingCOCOEvaluator"]
 
 
+def _compact_eval_img(e):
+    """What ``COCOeval.accumulate`` reads from one ``evaluateImg`` result, compactly."""
+    if e is None:
+        return None
+    return {
+        "dtScores": np.asarray(e["dtScores"], dtype=np.float64),
+        "dtMatches": np.asarray(e["dtMatches"]) != 0,  # accumulate only tests it for truth
+        "dtIgnore": np.asarray(e["dtIgnore"], dtype=bool),
+        "gtIgnore": np.asarray(e["gtIgnore"], dtype=bool),
+    }
+
+
+def _coco_dt_for(coco_gt, anns):
+    """pycocotools' ``loadRes`` for bbox results, also for an empty list (loadRes asserts)."""
+    if anns:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return coco_gt.loadRes(anns)
+    from pycocotools.coco import COCO
+
+    dt = COCO()
+    dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                  "categories": copy.deepcopy(coco_gt.dataset["categories"])}  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt.createIndex()
+    return dt
+
+
+def chunked_coco_bbox_eval(coco_gt, results_for_images, img_ids=None,
+                           max_dets_per_image=(1, 10, 100), chunk_images=500):  # fmt: skip
+    """
+    pycocotools' bbox evaluation, run ``chunk_images`` images at a time.
+
+    Args:
+        coco_gt: pycocotools ``COCO`` ground truth.
+        results_for_images (callable): list of image ids -> list of COCO result dicts (dataset
+            category ids) for those images.
+        img_ids: images to evaluate (default: all of ``coco_gt``).
+
+    Returns:
+        a pycocotools ``COCOeval`` after ``accumulate`` and ``summarize`` (``.stats``,
+        ``.eval["precision"]``), equal to evaluating everything at once.
+    """
+    from detectron2.evaluation.coco_evaluation import COCOevalMaxDets
+    from pycocotools.cocoeval import COCOeval
+
+    # detectron2's choice: its COCOevalMaxDets summarises AP at a custom detections limit.
+    cls = COCOeval if list(max_dets_per_image)[2] == 100 else COCOevalMaxDets
+    full = cls(coco_gt, iouType="bbox")
+    p = full.params
+    p.maxDets = list(max_dets_per_image)
+    if img_ids is not None:
+        p.imgIds = img_ids
+    p.imgIds = [int(i) for i in np.unique(p.imgIds)]  # as COCOeval.evaluate orders them
+    num_cats, num_areas, num_imgs = len(p.catIds), len(p.areaRng), len(p.imgIds)
+    eval_imgs = [None] * (num_cats * num_areas * num_imgs)
+    for start in range(0, num_imgs, chunk_images):
+        chunk = p.imgIds[start : start + chunk_images]
+        ev = COCOeval(coco_gt, _coco_dt_for(coco_gt, results_for_images(chunk)), "bbox")
+        ev.params = copy.deepcopy(p)
+        ev.params.imgIds = chunk
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+        n = len(chunk)
+        for k in range(num_cats):
+            for a in range(num_areas):
+                src = ev.evalImgs[(k * num_areas + a) * n : (k * num_areas + a + 1) * n]
+                dst = (k * num_areas + a) * num_imgs + start
+                eval_imgs[dst : dst + n] = [_compact_eval_img(e) for e in src]
+        del ev
+    full.evalImgs = eval_imgs
+    full._paramsEval = copy.deepcopy(p)
+    full.accumulate()
+    full.summarize()
+    return full
+
+
 class StreamingCOCOEvaluator(FocalCOCOEvaluator):
     """:class:`FocalCOCOEvaluator` (bbox) with compact storage and gathering (module docstring)."""
+
+    def __init__(self, *args, chunk_images=500, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._chunk_images = chunk_images
 
     def reset(self):
         super().reset()
@@ -111,6 +197,9 @@ class StreamingCOCOEvaluator(FocalCOCOEvaluator):
             path = os.path.join(self._output_dir, "coco_instances_results.json")
             self._logger.info(f"Saving results to {path}")
             self._write_json(self._coco_results(image_ids, counts, dets), path)
+        if self._impl == "pycocotools" and self._do_evaluation:
+            self._eval_chunked(image_ids, counts, dets, img_ids)
+            return copy.deepcopy(self._results)
         # COCO's API needs dicts: build them once, in the layout _eval_predictions expects, with
         # the category ids still contiguous (it maps them), and let it skip its own JSON dump.
         per_image, start = [], 0
@@ -131,3 +220,31 @@ class StreamingCOCOEvaluator(FocalCOCOEvaluator):
         finally:
             self._output_dir = output_dir
         return copy.deepcopy(self._results)
+
+    def _eval_chunked(self, image_ids, counts, dets, img_ids):
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        rows_of = {}
+        for img_id, st, n in zip(image_ids.tolist(), starts.tolist(), counts.tolist()):
+            rows_of.setdefault(img_id, []).append((st, n))
+
+        def results_for_images(chunk):
+            ids, cnts, parts = [], [], []
+            for img_id in chunk:
+                for st, n in rows_of.get(img_id, ()):
+                    ids.append(img_id)
+                    cnts.append(n)
+                    parts.append(dets[st : st + n])
+            if not parts:
+                return []
+            return list(self._coco_results(np.asarray(ids, np.int64), np.asarray(cnts, np.int64),
+                                           np.concatenate(parts)))
+
+        self._logger.info(f"Evaluating predictions in chunks of {self._chunk_images} images ...")
+        # As detectron2: no detection at all -> no COCOeval (the COCO API cannot handle it).
+        coco_eval = None if len(dets) == 0 else chunked_coco_bbox_eval(
+            self._coco_api, results_for_images, img_ids=img_ids,
+            max_dets_per_image=self._max_dets_per_image, chunk_images=self._chunk_images,
+        )  # fmt: skip
+        self._results["bbox"] = self._derive_coco_results(
+            coco_eval, "bbox", class_names=self._metadata.get("thing_classes")
+        )
