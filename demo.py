@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""
+Detect objects with a trained focal_det checkpoint: images in, pictures with boxes and a JSON of
+detections out.
+
+    python demo.py --weights output/demo/model_final.pth --input photo.png --output out/
+    python demo.py --weights output/demo/model_final.pth --input 'tiles/*.png' more/ --output out/
+
+``--input`` takes image files, folders (their .png/.jpg/.jpeg/.tif/.tiff/.bmp files) and glob
+patterns. The config defaults to the ``config.yaml`` that training saved next to the checkpoint.
+Images are processed at the config's test size (the demo config: native resolution, any size).
+Writes ``<output>/<image name>.png`` (detections with score >= --confidence-threshold drawn) and
+``<output>/detections.json``.
+"""
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+
+import focal_det  # noqa: F401  (registers FocalRetinaNet, the MobileNetV2-FPN, the datasets)
+from focal_det import add_focal_config
+from focal_det.demo_job import PRED_COLOR, draw_boxes, predict
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def expand_inputs(inputs):
+    """Image paths named by files, folders and glob patterns, in order, without duplicates."""
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            found = [p]
+        elif glob.has_magic(item):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+        else:
+            raise FileNotFoundError(f"--input {item!r}: no such file, folder or glob pattern")
+        if not found:
+            raise FileNotFoundError(
+                f"--input {item!r} matches no image ({sorted(IMAGE_EXTENSIONS)})"
+            )
+        paths += [f for f in found if f not in paths]
+    return paths
+
+
+def load_model(weights, config_file=None, opts=()):
+    """Build the model of ``config_file`` (default: config.yaml beside ``weights``) and load it."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"--weights {weights}: no such checkpoint (train one with `make demo`)"
+        )
+    if config_file is None:
+        config_file = weights.parent / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"No config.yaml next to {weights}; pass the training config with --config-file"
+            )
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    # The checkpoint holds every weight: no ImageNet file needed to build the backbone.
+    cfg.MODEL.MOBILENET.WEIGHTS = "none"
+    cfg.MODEL.WEIGHTS = str(weights)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    model = build_model(cfg)
+    from focal_det.engine import Trainer
+
+    Trainer.build_checkpointer(cfg, model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    return model, cfg
+
+
+def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
+    """Detect on every input image; write pictures and detections.json. Returns the JSON dict."""
+    model, cfg = load_model(weights, config_file, opts)
+    paths = expand_inputs(inputs)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = (
+        MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None)
+        if cfg.DATASETS.TEST
+        else None
+    )
+    result = {"weights": str(weights), "score_threshold": threshold, "images": []}
+    used = set()
+    for path in paths:
+        img = read_image(str(path), format="RGB")
+        inst = predict(model, cfg, img)
+        keep = inst.scores >= threshold
+        boxes, scores = inst.pred_boxes.tensor[keep], inst.scores[keep]
+        classes = inst.pred_classes[keep]
+        name = path.stem
+        while name in used:  # same file name in two folders
+            name += "_"
+        used.add(name)
+        picture = out_dir / f"{name}.png"
+        drawn = draw_boxes(
+            img,
+            boxes.numpy(),
+            PRED_COLOR,
+            f"{path.name}: {len(boxes)} detections",
+            scores=scores.tolist(),
+        )
+        cv2.imwrite(str(picture), drawn[:, :, ::-1])
+        dets = []
+        for b, s, c in zip(boxes.tolist(), scores.tolist(), classes.tolist()):
+            det = {"bbox_xyxy": [round(v, 2) for v in b], "score": round(s, 4), "category_id": c}
+            if names:
+                det["category"] = names[c]
+            dets.append(det)
+        result["images"].append(
+            {
+                "file": str(path),
+                "picture": str(picture),
+                "height": img.shape[0],
+                "width": img.shape[1],
+                "detections": dets,
+            }
+        )
+        print(f"{path}: {len(dets)} detections -> {picture}", flush=True)
+    with open(out_dir / "detections.json", "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out_dir / 'detections.json'}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--weights", required=True, help="checkpoint, e.g. output/demo/model_final.pth"
+    )
+    parser.add_argument("--input", nargs="+", required=True, help="image files, folders, globs")
+    parser.add_argument("--output", required=True, help="folder for pictures + detections.json")
+    parser.add_argument("--config-file", default=None, help="default: config.yaml beside --weights")
+    parser.add_argument("--confidence-threshold", type=float, default=0.3)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    args = parser.parse_args(argv)
+    try:
+        run(
+            args.weights,
+            args.input,
+            args.output,
+            args.config_file,
+            args.confidence_threshold,
+            args.opts,
+        )
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
