@@ -143,7 +143,7 @@ def test_extreme_logits_are_finite(dtype, which):
     else:
         loss = balanced_sigmoid_ce(x, t, 0.25, "none")
     loss.float().sum().backward()
-    assert loss.dtype == dtype and x.grad.dtype == dtype
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype  # fvcore's dtypes
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
     # confidently right: ~0 loss; confidently wrong: loss ~ alpha_t * |x| (times 1/gamma for FL*)
     assert loss[0, 0].item() == 0 and loss[0, 3].item() == 0
@@ -204,6 +204,27 @@ def test_empty_inputs_give_zero_loss_with_gradient(fn):
     assert loss.item() == 0 and loss.requires_grad
     loss.backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_second_backward_with_retain_graph_recomputes_same_gradient():
+    x, t = _data(seed=13)
+    x.requires_grad_()
+    labels = torch.arange(x.shape[0]) % 7 - 1  # -1 (ignored) .. 5 (background)
+    for loss in (sigmoid_focal_loss(x, t, 0.25, 2.0, "mean"),
+                 sigmoid_loss_from_labels(x, labels, alpha=0.25, gamma=2.0)):
+        x.grad = None
+        (3 * loss).backward(retain_graph=True)  # grad_out != 1: the in-place scaling path
+        first = x.grad.clone()
+        x.grad = None
+        (3 * loss).backward()  # buffer consumed: recomputed from the saved inputs
+        torch.testing.assert_close(x.grad, first, rtol=1e-12, atol=1e-15)
+
+
+def test_no_grad_inputs_skip_the_gradient():
+    x, t = _data(seed=14)
+    loss = sigmoid_focal_loss(x, t, 0.25, 2.0, "sum")
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _closed_form(x, t, 0.25, 2.0)[0].sum())
 
 
 def test_gradcheck_float64_every_loss():

@@ -135,8 +135,16 @@ def _grad(kind, x, pos, alpha, gamma, beta):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels: one forward and one backward function per (target mode, kind). Written so that
-# torch.compile turns each into a single loop; the eager implementation calls them as they are.
+# Kernels, written so that torch.compile turns each into a single loop (the eager
+# implementation calls the same functions as they are).
+#
+# The forward kernel computes the loss AND, when the logits require grad, the Appendix-B
+# gradient d(loss)/dx in the same pass (sharing exp / log1p / the division); the backward pass is
+# then only the chain-rule scaling by grad_output, done in place in that buffer. Peak memory is
+# the same as recomputing in backward (one logits-sized gradient either way: it is the buffer
+# autograd hands back), and the transcendental arithmetic, which bounds the CPU time, is done
+# once instead of twice. A second backward through the same graph (retain_graph=True) finds the
+# buffer consumed and reruns the forward kernel on the saved logits and targets (same bits).
 # ---------------------------------------------------------------------------------------------
 def _dense_pos(targets):
     return targets > 0.5
@@ -149,72 +157,60 @@ def _label_pos_valid(labels, num_classes: int, device):
     return lab == classes, lab >= 0
 
 
-def _dense_forward(x, targets, kind, alpha, gamma, beta, reduction):
-    xc = x.to(_compute_dtype(x))
-    loss = _value(kind, xc, _dense_pos(targets), alpha, gamma, beta)
+def _reduce(loss, reduction, x):
     if reduction == "none":
-        return loss.to(x.dtype)
+        return loss
+    if reduction == "anchor":  # per-anchor sum over classes (OHEM's ranking score)
+        return loss.sum(1)
     return loss.sum() if reduction == "sum" else loss.mean()
 
 
-def _dense_backward(x, targets, grad_out, kind, alpha, gamma, beta):
+def _dense_forward(x, targets, kind, alpha, gamma, beta, reduction, with_grad):
     xc = x.to(_compute_dtype(x))
-    g = _grad(kind, xc, _dense_pos(targets), alpha, gamma, beta)
-    return (g * grad_out).to(x.dtype)
+    pos = _dense_pos(targets)
+    loss = _reduce(_value(kind, xc, pos, alpha, gamma, beta), reduction, x)
+    if not with_grad:
+        return loss, None
+    g = _grad(kind, xc, pos, alpha, gamma, beta)
+    if reduction == "mean":
+        g = g / x.numel()
+    return loss, g.to(x.dtype)
 
 
-def _label_forward(x, labels, kind, alpha, gamma, beta, reduction):
+def _label_forward(x, labels, kind, alpha, gamma, beta, reduction, with_grad):
     xc = x.to(_compute_dtype(x))
     pos, valid = _label_pos_valid(labels, x.shape[1], x.device)
     loss = torch.where(valid, _value(kind, xc, pos, alpha, gamma, beta), 0.0)
-    if reduction == "none":
-        return loss.to(x.dtype)
-    if reduction == "anchor":  # per-anchor sum over classes (OHEM's ranking score)
-        return loss.sum(1)
-    return loss.sum()
+    loss = _reduce(loss, reduction, x)
+    if not with_grad:
+        return loss, None
+    g = torch.where(valid, _grad(kind, xc, pos, alpha, gamma, beta), 0.0)
+    return loss, g.to(x.dtype)
 
 
-def _label_backward(x, labels, grad_out, kind, alpha, gamma, beta):
-    xc = x.to(_compute_dtype(x))
-    pos, valid = _label_pos_valid(labels, x.shape[1], x.device)
-    g = torch.where(valid, _grad(kind, xc, pos, alpha, gamma, beta) * grad_out, 0.0)
-    return g.to(x.dtype)
-
-
-_KERNELS = {
-    ("dense", "fwd"): _dense_forward,
-    ("dense", "bwd"): _dense_backward,
-    ("label", "fwd"): _label_forward,
-    ("label", "bwd"): _label_backward,
-}
+_KERNELS = {"dense": _dense_forward, "label": _label_forward}
 
 _compiled_cache: Dict[Tuple, Callable] = {}
 _compiled_lock = threading.Lock()
 _compile_broken: Optional[str] = None
 
 
-def _get_compiled(mode: str, direction: str, kind, alpha, gamma, beta, extra):
+def _get_compiled(mode: str, kind, alpha, gamma, beta, reduction, with_grad):
     """
-    One compiled function per (mode, direction, loss parameters). The loss parameters are baked
-    in as constants (so gamma = 2 becomes a multiply instead of a pow); the tensor sizes are
-    dynamic, so one compilation serves every anchor count and class count.
+    One compiled kernel per (target mode, loss, parameters, reduction, with_grad). The loss
+    parameters are baked in as constants (gamma = 2 becomes a multiply instead of a pow); the
+    tensor sizes are dynamic, so one compilation serves every anchor count and class count.
     """
-    key = (mode, direction, kind, alpha, gamma, beta, extra)
+    key = (mode, kind, alpha, gamma, beta, reduction, with_grad)
     fn = _compiled_cache.get(key)
     if fn is None:
         with _compiled_lock:
             fn = _compiled_cache.get(key)
             if fn is None:
-                base = _KERNELS[(mode, direction)]
-                if direction == "fwd":
+                base = _KERNELS[mode]
 
-                    def kernel(x, t):
-                        return base(x, t, kind, alpha, gamma, beta, extra)
-
-                else:
-
-                    def kernel(x, t, g):
-                        return base(x, t, g, kind, alpha, gamma, beta)
+                def kernel(x, t):
+                    return base(x, t, kind, alpha, gamma, beta, reduction, with_grad)
 
                 fn = torch.compile(kernel, dynamic=True, fullgraph=True)
                 _compiled_cache[key] = fn
@@ -251,47 +247,53 @@ def _resolve_impl(impl: str, x: torch.Tensor) -> str:
     return "eager"
 
 
-def _run(impl, strict, mode, direction, kind, alpha, gamma, beta, extra, *tensors):
+def _run(impl, strict, mode, kind, alpha, gamma, beta, reduction, with_grad, x, t):
+    """Run the forward kernel; returns ((loss, grad or None), the implementation that ran)."""
     global _compile_broken
     if impl == "compiled":
         try:
-            fn = _get_compiled(mode, direction, kind, alpha, gamma, beta, extra)
-            return fn(*tensors), "compiled"
+            fn = _get_compiled(mode, kind, alpha, gamma, beta, reduction, with_grad)
+            return fn(x, t), "compiled"
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+            if strict:  # the user asked for "compiled": say so rather than fall back
+                raise
             if _compile_broken is None:
                 _compile_broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 logger.warning("torch.compile of the fused loss failed (%s); using eager.", e)
-            if strict:  # the user asked for "compiled": say so rather than fall back
-                raise
-    base = _KERNELS[(mode, direction)]
-    if direction == "fwd":
-        return base(*tensors, kind, alpha, gamma, beta, extra), "eager"
-    return base(*tensors, kind, alpha, gamma, beta), "eager"
+    return _KERNELS[mode](x, t, kind, alpha, gamma, beta, reduction, with_grad), "eager"
 
 
 class _FusedSigmoidLoss(torch.autograd.Function):
     """
-    Forward: loss from (logits, targets-or-labels) in one pass. Backward: the Appendix-B
-    gradient in one pass, recomputed from the saved logits and targets (nothing else is saved).
+    Forward: the loss, and the Appendix-B gradient when the logits need one, in one pass.
+    Backward: that gradient times grad_output, in place (see the kernels' comment).
+    Saved: the logits and targets (references, no copy) for a possible second backward.
     """
 
     @staticmethod
     def forward(ctx, x, t, mode, kind, alpha, gamma, beta, reduction, impl):
         strict = impl == "compiled"
         impl = _resolve_impl(impl, x)
-        out, impl = _run(impl, strict, mode, "fwd", kind, alpha, gamma, beta, reduction, x, t)
+        with_grad = bool(ctx.needs_input_grad[0])
+        (out, grad), impl = _run(
+            impl, strict, mode, kind, alpha, gamma, beta, reduction, with_grad, x, t
+        )
         ctx.save_for_backward(x, t)
+        ctx.grad = grad
         ctx.params = (mode, kind, alpha, gamma, beta, reduction, impl, strict)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, t = ctx.saved_tensors
         mode, kind, alpha, gamma, beta, reduction, impl, strict = ctx.params
-        g = grad_out.to(_compute_dtype(x))
-        if reduction == "mean":
-            g = g / max(x.numel(), 1)
-        grad, _ = _run(impl, strict, mode, "bwd", kind, alpha, gamma, beta, None, x, t, g)
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # consumed by an earlier backward (retain_graph=True): recompute
+            x, t = ctx.saved_tensors
+            (_, grad), _ = _run(impl, strict, mode, kind, alpha, gamma, beta, reduction, True, x, t)
+        # d(loss)/dx was computed in forward; apply the chain rule in place (a no-op skipped
+        # for the common loss.backward() on CPU, where checking the value costs no sync).
+        if not (grad_out.numel() == 1 and grad_out.device.type == "cpu" and grad_out.item() == 1):
+            grad.mul_(grad_out)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -318,7 +320,7 @@ def _dense(inputs, targets, kind, alpha, gamma, beta, reduction, impl):
 def sigmoid_focal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    alpha: float = 0.25,
+    alpha: float = -1,
     gamma: float = 2.0,
     reduction: str = "none",
     *,
@@ -331,9 +333,12 @@ def sigmoid_focal_loss(
         inputs: (*) logits, any float dtype.
         targets: (*) same shape, 0/1 (float or bool): 1 for the positive class.
         alpha: weight of positives in [0, 1]; negatives get 1 - alpha. < 0: no weighting.
+            The default is fvcore's (-1, no weighting), so that replacing fvcore's call by this
+            one changes nothing; the paper's RetinaNet passes 0.25 (torchvision's default).
         gamma: focusing parameter >= 0 (0 gives alpha-balanced CE).
-        reduction: "none" (per element, in the dtype of ``inputs``), "mean" or "sum" (float32
-            scalars, float64 for float64 inputs: a float16 sum of 10^7 terms would overflow).
+        reduction: "none" (per element), "mean" or "sum". The loss is float32 (float64 for
+            float64 inputs) whatever the input dtype, as fvcore's (a float16 sum of 10^7 terms
+            would overflow); the gradient has the dtype of ``inputs``.
         impl: "auto" / "compiled" / "eager" (see the module docstring).
     """
     if gamma < 0:
@@ -401,7 +406,7 @@ def sigmoid_loss_from_labels(
         loss: "focal" (FL; gamma = 0 is alpha-balanced CE, and alpha < 0 plain CE) or "star" (FL*).
         alpha, gamma, beta: the loss parameters (beta only for FL*).
         reduction: "sum" (float32 scalar, float64 for float64 logits), or "none" ((..., K),
-            zero for ignored anchors, in the logits' dtype).
+            zero for ignored anchors, float32 / float64 likewise).
         impl: "auto" / "compiled" / "eager".
     """
     if loss not in ("focal", "star"):
@@ -438,7 +443,7 @@ def per_anchor_ce_from_labels(
     x = pred_logits.reshape(-1, K)
     labels = gt_labels.reshape(-1).to(torch.int64)
     strict = impl == "compiled"
-    out, _ = _run(
-        _resolve_impl(impl, x), strict, "label", "fwd", "focal", -1.0, 0.0, 0.0, "anchor", x, labels
+    (out, _), _ = _run(
+        _resolve_impl(impl, x), strict, "label", "focal", -1.0, 0.0, 0.0, "anchor", False, x, labels
     )
     return out.float().reshape(gt_labels.shape)
