@@ -204,6 +204,10 @@ def test_paper_row_hyper_parameters(rel):
     assert s.IMS_PER_BATCH == 16 and s.BASE_LR == 0.01
     assert s.MOMENTUM == 0.9 and s.WEIGHT_DECAY == 1e-4
     assert s.MAX_ITER == 90000 * k and tuple(s.STEPS) == (60000 * k, 80000 * k)
+    # Not in the paper: Detectron's defaults (its released code), which the paper base adopts.
+    assert (s.WARMUP_ITERS, s.WARMUP_METHOD) == (500, "linear")
+    assert s.WARMUP_FACTOR == pytest.approx(1 / 3)
+    assert (s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS) == (2.0, 0.0)
     assert cfg.DATASETS.TRAIN == TRAINVAL35K
     assert cfg.DATASETS.TEST == row.get("test", MINIVAL)
 
