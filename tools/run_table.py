@@ -210,7 +210,7 @@ def _get(cfg, key):
 
 
 def schedule_opts(demo_cfg, iters: Optional[int]) -> List[str]:
-    """SOLVER overrides for ``iters`` iterations with the demo config's steps scaled to it."""
+    """SOLVER overrides for ``iters`` iterations, the config's steps and warm-up scaled to it."""
     if iters is None:
         return []
     if iters < 1:
@@ -218,7 +218,8 @@ def schedule_opts(demo_cfg, iters: Optional[int]) -> List[str]:
     base = demo_cfg.SOLVER.MAX_ITER
     steps = tuple(max(1, min(iters - 1, round(s * iters / base))) for s in demo_cfg.SOLVER.STEPS)
     steps = tuple(sorted(set(s for s in steps if 0 < s < iters)))
-    warmup = min(demo_cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
+    # Warm-up keeps its share of the schedule (a shorter run warms up over fewer iterations).
+    warmup = max(1, min(iters - 1, round(demo_cfg.SOLVER.WARMUP_ITERS * iters / base)))
     return [
         "SOLVER.MAX_ITER", str(iters),
         "SOLVER.STEPS", repr(steps),
@@ -253,13 +254,17 @@ def demo_row_opts(table: str, row: Row, row_cfg, demo_cfg) -> Tuple[Optional[Lis
     if table == "1e":
         if row.setting["depth"] != 50:
             return None, "depth 101 has no MobileNetV2 counterpart (only the depth-50 rows map)"
+        # The demo's own train/test size plays the paper's 600 px; the others scale with it.
         f = row.setting["scale"] / PAPER_SCALE
         d = demo_cfg.INPUT
+        # MIN_SIZE_TEST 0 (no resize) tests at the image size: take the training size then.
+        test_min = d.MIN_SIZE_TEST or max(d.MIN_SIZE_TRAIN)
+        test_max = d.MAX_SIZE_TEST if d.MIN_SIZE_TEST else d.MAX_SIZE_TRAIN
         opts += [
             "INPUT.MIN_SIZE_TRAIN", repr(tuple(int(round(s * f)) for s in d.MIN_SIZE_TRAIN)),
             "INPUT.MAX_SIZE_TRAIN", str(int(round(d.MAX_SIZE_TRAIN * f))),
-            "INPUT.MIN_SIZE_TEST", str(int(round(d.MIN_SIZE_TEST * f))),
-            "INPUT.MAX_SIZE_TEST", str(int(round(d.MAX_SIZE_TEST * f))),
+            "INPUT.MIN_SIZE_TEST", str(int(round(test_min * f))),
+            "INPUT.MAX_SIZE_TEST", str(int(round(test_max * f))),
         ]  # fmt: skip
     return opts, ""
 
