@@ -140,3 +140,36 @@ def test_two_cpu_processes_gloo(tmp_path, monkeypatch):
     assert sorted(p["image_id"] for p in preds) == [0, 1, 2, 3]
     assert "AP" in r0["results"]["bbox"]
     assert not r1["results"]  # non-main ranks return no metrics (detectron2's convention)
+
+
+def test_eval_only_on_a_test_dev_style_set_writes_the_results_json(tmp_path):
+    # A test set without annotations (COCO test-dev): no AP, the detections JSON is written.
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    tmp = str(tmp_path)
+    _register(tmp)
+    images = [
+        {k: r[k] for k in ("file_name", "image_id", "height", "width")}
+        for r in DatasetCatalog.get("fdet_engine_synth_test")
+    ]
+    gt_file = os.path.join(tmp, "image_info_test.json")
+    info = {
+        "images": [
+            {"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
+             "width": r["width"]} for r in images
+        ],
+        "categories": [{"id": i, "name": n} for i, n in enumerate(synthetic_detection.CLASSES)],
+    }  # fmt: skip
+    with open(gt_file, "w") as f:
+        json.dump(info, f)
+    if "fdet_engine_synth_testdev" not in DatasetCatalog.list():
+        DatasetCatalog.register("fdet_engine_synth_testdev", lambda: images)
+        MetadataCatalog.get("fdet_engine_synth_testdev").set(
+            thing_classes=list(synthetic_detection.CLASSES), json_file=gt_file
+        )
+    res = engine_main(_args(tmp, "DATASETS.TEST", "('fdet_engine_synth_testdev',)",
+                            eval_only=True))  # fmt: skip
+    assert "bbox" not in res  # nothing to compare against
+    with open(os.path.join(tmp, "out", "inference", "coco_instances_results.json")) as f:
+        dets = json.load(f)
+    assert dets and {d["image_id"] for d in dets} <= {r["image_id"] for r in images}
