@@ -128,3 +128,29 @@ def test_frozen_bn_statistics_are_folded_on_export():
     s = torch.as_tensor(blobs["res_conv1_bn_s"])[None, :, None, None]
     b = torch.as_tensor(blobs["res_conv1_bn_b"])[None, :, None, None]
     torch.testing.assert_close(x * s + b, bn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_mapping_agrees_with_detectron2_c2_loader(random_model_and_pickle):
+    # Independent reference for the ResNet + FPN names: detectron2's own Caffe2 loader
+    # (name heuristics). It fills the same backbone/FPN parameters from the pickle as our
+    # converter, and nothing of the RetinaNet head (which is why the converter exists).
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model, _, path = random_model_and_pickle
+    d2_loaded = _model(seed=3)
+    before = {k: v.clone() for k, v in d2_loaded.state_dict().items()}
+    DetectionCheckpointer(d2_loaded).load(path)
+    after = d2_loaded.state_dict()
+    ref = model.state_dict()
+    # conv weights, FPN weights/biases and the FrozenBN (AffineChannel) scales/offsets
+    backbone = [
+        k for k in ref
+        if k.startswith("backbone.") and not k.startswith("backbone.top_block.")
+        and k.endswith((".weight", ".bias"))
+    ]  # fmt: skip
+    assert len(backbone) == 53 * 3 + 12
+    for k in backbone:
+        assert torch.equal(after[k], ref[k]), k
+    for k, _ in model.named_parameters():
+        if k.startswith("head."):
+            assert torch.equal(after[k], before[k]), f"detectron2's loader filled {k}"
