@@ -158,7 +158,7 @@ def test_run_table_runs_resumes_and_records_failures(tmp_path, capsys):
     assert len(calls) == 16 and all("alpha0.10" in c for c in calls[14:])
     # A different schedule is a different run (the folder hash covers the whole command).
     assert rt.main(argv[:-2] + ["--collect-only", "--iters", "6"]) == 0
-    assert "pending" in capsys.readouterr().out
+    assert "not run" in capsys.readouterr().out
 
 
 def test_unknown_demo_config_choice_is_a_clear_error(tmp_path, capsys, monkeypatch):

@@ -453,14 +453,14 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
         elif "failed" in states:
             cells += ["failed"] * len(METRICS)
         else:
-            cells += ["pending"] * len(METRICS)
+            cells += ["not run"] * len(METRICS)
         per_seed = []
         for r in s["runs"]:
             if r["state"] == "done":
                 per_seed.append(f"{_ap_value(r, 'AP'):.1f}" + ("*" if r["no_detections"] else ""))
             elif r["state"] != "pending" or s["ours_mean"]["AP"] is None:
                 # A seed not run yet is left out once another seed of the row has a result.
-                per_seed.append(r["state"])
+                per_seed.append("not run" if r["state"] == "pending" else r["state"])
         cells.append(" / ".join(per_seed))
         cells += [_cell(s["paper"][m]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -570,6 +570,8 @@ def build_parser():
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.output_root = os.path.abspath(args.output_root)
+    if args.opts[:1] == ["--"]:  # "--" separating the overrides from options taking lists
+        args.opts = args.opts[1:]
     if len(args.opts) % 2:
         raise SystemExit(f"Config overrides must be KEY VALUE pairs; got {args.opts}")
     try:
