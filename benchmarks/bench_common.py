@@ -137,11 +137,11 @@ def _build_torchvision(num_classes, test_size):
     )
 
 
-def prepare_weights(name, path, num_classes=80, seed=0, score_thresh=0.05):
+def prepare_weights(name, path, num_classes=80, seed=0, score_thresh=0.05, calib_size=(512, 683)):
     """Build ``name`` ("d2" or "torchvision"), calibrate it, save its state dict to ``path``."""
     torch.manual_seed(seed)
     model = build_variant(name, num_classes=num_classes)
-    img = synthetic_images(1, 512, 683, seed=seed + 1)[0]
+    img = synthetic_images(1, *calib_size, num_classes=num_classes, seed=seed + 1)[0]
     if name == "torchvision":
         calibrate_frozen_bn(model, lambda: model([img["image"] / 255.0]))
         cls_bias = model.head.classification_head.cls_logits.bias

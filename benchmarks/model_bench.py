@@ -86,6 +86,25 @@ def _mem_peak(device):
     return bc.peak_rss_mb()
 
 
+def _apply_speed_options_from_opts(model, opts):
+    """
+    For a FocalRetinaNet that does not read MODEL.FOCAL.{CHANNELS_LAST,FOLD_FROZEN_BN,
+    COMPILE_HEAD} itself (no ``speed_options`` attribute): apply them here, the same way.
+    """
+    from focal_det.modeling import fast_ops
+
+    kv = dict(zip(opts[::2], opts[1::2]))
+    flags = {
+        k: kv.get(f"MODEL.FOCAL.{k.upper()}", "False") == "True"
+        for k in ("channels_last", "fold_frozen_bn", "compile_head")
+    }
+    if any(flags.values()):
+        model.__class__ = type(
+            "FastFocalRetinaNet", (fast_ops.TopCandidatesInference, type(model)), {}
+        )
+        fast_ops.apply_speed_options(model, **flags)
+
+
 def run_worker(spec):
     import torch
 
@@ -105,6 +124,8 @@ def run_worker(spec):
     state = torch.load(spec["weights"], map_location=device)
     model.load_state_dict(state, strict=True)
     del state
+    if kind == "ours" and not hasattr(model, "speed_options"):
+        _apply_speed_options_from_opts(model, spec["opts"])
     build_s = time.perf_counter() - t_build
     out = {"variant": spec["variant"], "phase": spec["phase"], "build_s": build_s}
 
@@ -139,11 +160,11 @@ def run_worker(spec):
             [p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9
         )
         base = _mem_start(device)
-        times, losses = [], []
+        times, cpu_times, losses = [], [], []
         with EventStorage():
             for i in range(spec["warmup"] + spec["iters"]):
                 _sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with autocast():
                     loss_dict = forward()
                 total = sum(loss_dict.values())
@@ -151,11 +172,13 @@ def run_worker(spec):
                 total.backward()
                 opt.step()
                 _sync(device)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if i >= spec["warmup"]:
                     times.append(dt)
-                losses.append(float(total))
-        out.update(times=times, losses=losses, mem_base_mb=base, mem_peak_mb=_mem_peak(device))
+                    cpu_times.append(dc)
+                losses.append(float(total.detach()))
+        out.update(times=times, cpu_times=cpu_times, losses=losses, mem_base_mb=base,
+                   mem_peak_mb=_mem_peak(device))
     else:
         model.eval()
         base = _mem_start(device)
@@ -173,22 +196,24 @@ def run_worker(spec):
                 bc.reset_peak_rss()
             else:
                 torch.cuda.reset_peak_memory_stats()
-            times, ndet = [], 0
+            times, cpu_times = [], []
             with torch.no_grad():
                 for i in range(spec["warmup"] + spec["iters"]):
                     _sync(device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     with autocast():
                         res = model(x)
                     _sync(device)
-                    dt = time.perf_counter() - t0
+                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
                     if i >= spec["warmup"]:
                         times.append(dt)
+                        cpu_times.append(dc)
             r = res[0]
             ndet = len(r["boxes"]) if kind == "torchvision" else len(r["instances"])
-            per_size[str(h)] = {"times": times, "mem_peak_mb": _mem_peak(device), "dets": ndet}
+            per_size[str(h)] = {"times": times, "cpu_times": cpu_times,
+                                "mem_peak_mb": _mem_peak(device), "dets": ndet}
         out.update(per_size=per_size, mem_base_mb=base)
-    print(RESULT_TAG + json.dumps(out), flush=True)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,23 +223,27 @@ def _size(short, aspect=4 / 3):
     return (short, int(round(short * aspect)))
 
 
-def _launch(spec, env, log):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+def _launch(spec, env, log, in_process=False):
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if in_process:  # smoke tests: no process isolation, memory numbers are not meaningful
+        res = run_worker(spec)
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+            raise RuntimeError(
+                f"worker {spec['variant']}/{spec['phase']} failed (exit {proc.returncode}); "
+                "its output is above"
+            )
+        res = json.loads(lines[-1][len(RESULT_TAG):])
     wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise RuntimeError(
-            f"worker {spec['variant']}/{spec['phase']} failed (exit {proc.returncode}); "
-            "its output is above"
-        )
-    res = json.loads(lines[-1][len(RESULT_TAG):])
     res["process_wall_s"] = wall
     if spec["phase"] == "train":
         peak = res["mem_peak_mb"] - res["mem_base_mb"]
-        what = f"{statistics.median(res['times']):7.3f} s/iter  peak +{peak:.0f} MiB"
+        what = (f"{statistics.median(res['times']):7.3f} s/iter "
+                f"(CPU {statistics.median(res['cpu_times']):7.3f} s)  peak +{peak:.0f} MiB")
     else:
         what = "  ".join(
             f"{k}px {1e3 * statistics.median(v['times']):6.0f} ms"
@@ -233,6 +262,9 @@ def summarize(runs, variants, infer_sizes):
         s = {}
         if tr:
             s["train_s_per_iter"] = statistics.median([t for r in tr for t in r["times"]])
+            s["train_cpu_s_per_iter"] = statistics.median(
+                [t for r in tr for t in r["cpu_times"]]
+            )
             s["train_peak_extra_mb"] = statistics.median(
                 [r["mem_peak_mb"] - r["mem_base_mb"] for r in tr]
             )
@@ -242,6 +274,9 @@ def summarize(runs, variants, infer_sizes):
             vals = [t for r in inf for t in r["per_size"][k]["times"]]
             if vals:
                 s[f"infer_{k}_s_per_img"] = statistics.median(vals)
+                s[f"infer_{k}_cpu_s_per_img"] = statistics.median(
+                    [t for r in inf for t in r["per_size"][k]["cpu_times"]]
+                )
                 s[f"infer_{k}_peak_extra_mb"] = statistics.median(
                     [r["per_size"][k]["mem_peak_mb"] - r["mem_base_mb"] for r in inf]
                 )
@@ -285,7 +320,10 @@ def to_markdown(result):
         "(method: `benchmarks/model_bench.py` docstring).",
         "",
     ]
-    head = ["variant", "train s/iter", "x d2", f"train peak extra ({unit})", "x d2"]
+    cpu = a["device"] == "cpu"
+    head = ["variant", "train s/iter", "x d2"]
+    head += ["train CPU s/iter", "x d2"] if cpu else []
+    head += [f"train peak extra {unit}", "x d2"]
     for sz in sizes:
         head += [f"infer {sz}px ms/img", "x d2"]
     head += [f"infer {sizes[-1]}px peak extra", "x d2"]
@@ -297,16 +335,23 @@ def to_markdown(result):
 
     def ratio(s, key):
         r = s["ratios_vs_d2"].get(key)
-        return f"{r:.2f}" if r is not None else "-"
+        return f"**{r:.2f}**" if r is not None else "-"
 
     for v, s in result["summary"].items():
-        row = [f"`{v}`", fmt(s, "train_s_per_iter"), ratio(s, "train_s_per_iter"),
-               fmt(s, "train_peak_extra_mb", digits=0), ratio(s, "train_peak_extra_mb")]
+        row = [f"`{v}`", fmt(s, "train_s_per_iter"), ratio(s, "train_s_per_iter")]
+        if cpu:
+            row += [fmt(s, "train_cpu_s_per_iter"), ratio(s, "train_cpu_s_per_iter")]
+        row += [fmt(s, "train_peak_extra_mb", digits=0), ratio(s, "train_peak_extra_mb")]
         for sz in sizes:
             row += [fmt(s, f"infer_{sz}_s_per_img", 1e3, 0), ratio(s, f"infer_{sz}_s_per_img")]
         row += [fmt(s, f"infer_{sizes[-1]}_peak_extra_mb", digits=0),
                 ratio(s, f"infer_{sizes[-1]}_peak_extra_mb")]
         lines.append("| " + " | ".join(row) + " |")
+    if cpu:
+        la = result.get("loadavg", {})
+        lines += ["", "CPU s/iter: process CPU time (all threads) per iteration, less sensitive "
+                  "than wall time to other processes on the machine; 1-min load average at "
+                  f"start / end of the run: {la.get('start', '?')} / {la.get('end', '?')}."]
     described = []
     for v in result["summary"]:
         kind, opts = VARIANTS[v]
@@ -338,11 +383,16 @@ def main(argv=None):
     p.add_argument("--json", default=str(bc.RESULTS / "model_bench.json"))
     p.add_argument("--doc", default=str(bc.DOCS), help="Markdown file to update ('' = none)")
     p.add_argument("--doc-marker", default="model_bench")
+    p.add_argument("--weights-cache", default="",
+                   help="directory to keep the calibrated random weights in across runs")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the variants in this process (smoke tests; memory not isolated)")
+    p.add_argument("--notes", default="", help="text appended to the Markdown section")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
-        run_worker(json.loads(args.worker))
+        print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return None
 
     import torch
@@ -353,14 +403,19 @@ def main(argv=None):
                PYTHONWARNINGS="ignore")
     log = print
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        wdir = args.weights_cache or tmp
+        os.makedirs(wdir, exist_ok=True)
         weights = {}
-        for kind in {VARIANTS[v][0] for v in args.variants}:
+        for kind in sorted({VARIANTS[v][0] for v in args.variants}):
             src = "torchvision" if kind == "torchvision" else "d2"
             if src not in weights:
-                weights[src] = os.path.join(tmp, f"{src}.pth")
-                bc.prepare_weights(src, weights[src], num_classes=args.num_classes)
+                weights[src] = os.path.join(wdir, f"{src}_k{args.num_classes}.pth")
+                if not os.path.exists(weights[src]):
+                    bc.prepare_weights(src, weights[src], num_classes=args.num_classes,
+                                       calib_size=(min(th, 512), min(tw, 683)))
         base = dict(threads=args.threads, device=args.device, amp=args.amp,
                     num_classes=args.num_classes, warmup=args.warmup, iters=args.iters)
         for rnd in range(args.rounds):
@@ -374,9 +429,10 @@ def main(argv=None):
                     sizes = [(th, tw)] if phase == "train" else [_size(s) for s in args.infer_sizes]
                     spec = dict(base, variant=v, kind=kind, opts=opts, phase=phase,
                                 weights=w, sizes=sizes, batch=args.batch)
-                    runs.append(_launch(spec, env, log))
+                    runs.append(_launch(spec, env, log, args.in_process))
     args_d = vars(args).copy()
-    args_d.pop("worker")
+    for k in ("worker", "notes", "weights_cache"):
+        args_d.pop(k)
     args_d["train_size"] = [th, tw]
     result = {
         "date": bc.now_utc(),
@@ -387,6 +443,11 @@ def main(argv=None):
         "summary": summarize(runs, args.variants, args.infer_sizes),
         "runs": runs,
         "total_wall_s": time.perf_counter() - t_start,
+        "notes": args.notes,
+        "loadavg": {
+            "start": round(load_start, 1) if load_start is not None else None,
+            "end": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
+        },
     }
     md = to_markdown(result)
     print("\n" + md)
