@@ -30,7 +30,7 @@ def _status_kb(field):
     raise KeyError(field)
 
 
-def _child(kind, gt_json, num_images, dets, out_dir):
+def _child(kind, gt_json, num_images, dets, out_dir, chunk_images):
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     import numpy as np
     import torch
@@ -44,7 +44,8 @@ def _child(kind, gt_json, num_images, dets, out_dir):
     register_coco_instances("bench_eval", {}, gt_json, os.path.dirname(gt_json))
     DatasetCatalog.get("bench_eval")
     cls = StreamingCOCOEvaluator if kind == "streaming" else FocalCOCOEvaluator
-    ev = cls("bench_eval", ("bbox",), False, out_dir)
+    kw = {"chunk_images": chunk_images} if kind == "streaming" else {}
+    ev = cls("bench_eval", ("bbox",), False, out_dir, **kw)
     ev.reset()
     rng = np.random.RandomState(1)
     h, w = 480, 640
@@ -87,12 +88,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--dets", type=int, default=100, help="detections per image")
+    ap.add_argument("--chunk-images", type=int, default=100,
+                    help="StreamingCOCOEvaluator's images per COCOeval.evaluate chunk")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return _child(args.child, args.gt, args.images, args.dets, args.out)
+        return _child(args.child, args.gt, args.images, args.dets, args.out, args.chunk_images)
     with tempfile.TemporaryDirectory() as tmp:
         gt = os.path.join(tmp, "gt.json")
         _write_gt(gt, args.images)
@@ -100,13 +103,14 @@ def main():
         for kind in ("detectron2", "streaming"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--gt", gt, "--images",
-                 str(args.images), "--dets", str(args.dets), "--out", os.path.join(tmp, kind)],
+                 str(args.images), "--dets", str(args.dets), "--out", os.path.join(tmp, kind),
+                 "--chunk-images", str(args.chunk_images)],
                 capture_output=True, text=True, check=True,
                 env=dict(os.environ, OMP_NUM_THREADS="1"),
             ).stdout  # fmt: skip
             rows[kind] = json.loads(out.strip().splitlines()[-1])
-    print(f"COCO evaluation memory, {args.images} images x {args.dets} detections "
-          f"(python {sys.version.split()[0]})")
+    print(f"COCO evaluation memory, {args.images} images x {args.dets} detections, streaming "
+          f"chunks of {args.chunk_images} images (python {sys.version.split()[0]})")
     print(f"{'evaluator':<12} {'held after inference':>22} {'peak over baseline':>20} {'AP':>8}")
     for kind, r in rows.items():
         print(f"{kind:<12} {r['held_kb'] / 1024:>19.1f} MB {r['peak_kb'] / 1024:>17.1f} MB "

@@ -83,29 +83,29 @@ def test_sigkill_mid_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     data = str(tmp_path / "data")
     synthetic_detection.register(DATASET, data, num_images=6)
 
-    # Uninterrupted reference: 8 iterations.
-    ref = _train(str(tmp_path / "ref"), max_iter=8, period=2)
+    # Uninterrupted reference: 6 iterations.
+    ref = _train(str(tmp_path / "ref"), max_iter=6, period=2)
     ref_state = {k: v.clone() for k, v in ref.model.state_dict().items()}
 
-    # Same run in a subprocess, SIGKILLed while writing its 3rd checkpoint (iteration 5,
-    # model_0000005.pth); the one of iteration 3 is complete.
+    # Same run in a subprocess, SIGKILLed while writing its 2nd checkpoint (iteration 3,
+    # model_0000003.pth); the one of iteration 1 is complete.
     out = str(tmp_path / "killed")
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER.format(
-        tests=os.path.dirname(__file__), dataset=DATASET, data=data, die_at_save=3,
-        argv=_argv(out, 8, 2),
+        tests=os.path.dirname(__file__), dataset=DATASET, data=data, die_at_save=2,
+        argv=_argv(out, 6, 2),
     ))
     env = dict(os.environ, OMP_NUM_THREADS="1", FOCAL_TEST_THREADS="1")
     proc = subprocess.run([sys.executable, str(driver)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     with open(os.path.join(out, "last_checkpoint")) as f:
-        assert f.read() == "model_0000003.pth"
-    assert not os.path.exists(os.path.join(out, "model_0000005.pth"))  # only a temp file
+        assert f.read() == "model_0000001.pth"
+    assert not os.path.exists(os.path.join(out, "model_0000003.pth"))  # only a temp file
 
-    assert any(f.startswith(".model_0000005.pth.") for f in os.listdir(out))
-    resumed = _train(out, max_iter=8, period=2, resume=True)
-    assert resumed.start_iter == 4
+    assert any(f.startswith(".model_0000003.pth.") for f in os.listdir(out))
+    resumed = _train(out, max_iter=6, period=2, resume=True)
+    assert resumed.start_iter == 2
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # the partial file is gone
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, ref_state[k], rtol=0, atol=0, msg=k)

@@ -39,16 +39,55 @@ from .coco import FocalCOCOEvaluator
 __all__ = ["StreamingCOCOEvaluator"]
 
 
-def _compact_eval_img(e):
-    """What ``COCOeval.accumulate`` reads from one ``evaluateImg`` result, compactly."""
-    if e is None:
-        return None
-    return {
-        "dtScores": np.asarray(e["dtScores"], dtype=np.float64),
-        "dtMatches": np.asarray(e["dtMatches"]) != 0,  # accumulate only tests it for truth
-        "dtIgnore": np.asarray(e["dtIgnore"], dtype=bool),
-        "gtIgnore": np.asarray(e["gtIgnore"], dtype=bool),
-    }
+class _FirstPerImage:
+    """
+    The detections of many images, concatenated, that pycocotools' ``accumulate`` can slice as
+    it slices one image's entry: ``[0:m]`` / ``[:, 0:m]`` keep each image's first ``m``
+    detections (``rank`` = index within its image), in the same order as concatenating the
+    per-image slices would give.
+    """
+
+    def __init__(self, values, rank):
+        self.values, self.rank = values, rank
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            rows, cols = key
+            return self.values[rows][:, self.rank < cols.stop]
+        return self.values[self.rank < key.stop]
+
+
+class _PerCategoryArea:
+    """Accumulates, for one (category, area range), what ``accumulate`` reads of each image."""
+
+    def __init__(self):
+        self.parts = {"dtScores": [], "rank": [], "dtMatches": [], "dtIgnore": [], "gtIgnore": []}
+
+    def add(self, e):
+        d = len(e["dtScores"])
+        self.parts["dtScores"].append(np.asarray(e["dtScores"], dtype=np.float64))
+        self.parts["rank"].append(np.arange(d, dtype=np.int32))
+        # accumulate only tests dtMatches for truth: bool instead of float64 gt ids.
+        self.parts["dtMatches"].append(np.asarray(e["dtMatches"]) != 0)  # (T, d)
+        self.parts["dtIgnore"].append(np.asarray(e["dtIgnore"], dtype=bool))  # (T, d)
+        self.parts["gtIgnore"].append(np.asarray(e["gtIgnore"], dtype=bool))
+
+    def compact(self):
+        # One array per chunk instead of one per image (numpy's ~100 B overhead per array).
+        for k, v in self.parts.items():
+            if len(v) > 1:
+                self.parts[k] = [np.concatenate(v, axis=-1)]
+
+    def as_eval_img(self):
+        if not self.parts["dtScores"]:
+            return None
+        cat = {k: np.concatenate(v, axis=-1) for k, v in self.parts.items()}
+        return {
+            "dtScores": _FirstPerImage(cat["dtScores"], cat["rank"]),
+            "dtMatches": _FirstPerImage(cat["dtMatches"], cat["rank"]),
+            "dtIgnore": _FirstPerImage(cat["dtIgnore"], cat["rank"]),
+            "gtIgnore": cat["gtIgnore"],
+        }
 
 
 def _coco_dt_for(coco_gt, anns):
@@ -67,7 +106,7 @@ def _coco_dt_for(coco_gt, anns):
 
 
 def chunked_coco_bbox_eval(coco_gt, results_for_images, img_ids=None,
-                           max_dets_per_image=(1, 10, 100), chunk_images=500):  # fmt: skip
+                           max_dets_per_image=(1, 10, 100), chunk_images=100):  # fmt: skip
     """
     pycocotools' bbox evaluation, run ``chunk_images`` images at a time.
 
@@ -93,7 +132,7 @@ def chunked_coco_bbox_eval(coco_gt, results_for_images, img_ids=None,
         p.imgIds = img_ids
     p.imgIds = [int(i) for i in np.unique(p.imgIds)]  # as COCOeval.evaluate orders them
     num_cats, num_areas, num_imgs = len(p.catIds), len(p.areaRng), len(p.imgIds)
-    eval_imgs = [None] * (num_cats * num_areas * num_imgs)
+    merged = [_PerCategoryArea() for _ in range(num_cats * num_areas)]
     for start in range(0, num_imgs, chunk_images):
         chunk = p.imgIds[start : start + chunk_images]
         ev = COCOeval(coco_gt, _coco_dt_for(coco_gt, results_for_images(chunk)), "bbox")
@@ -102,12 +141,19 @@ def chunked_coco_bbox_eval(coco_gt, results_for_images, img_ids=None,
         with contextlib.redirect_stdout(io.StringIO()):
             ev.evaluate()
         n = len(chunk)
-        for k in range(num_cats):
-            for a in range(num_areas):
-                src = ev.evalImgs[(k * num_areas + a) * n : (k * num_areas + a + 1) * n]
-                dst = (k * num_areas + a) * num_imgs + start
-                eval_imgs[dst : dst + n] = [_compact_eval_img(e) for e in src]
+        for ka, acc in enumerate(merged):  # evalImgs is ordered category, area, image
+            for e in ev.evalImgs[ka * n : (ka + 1) * n]:
+                if e is not None:
+                    acc.add(e)
+            acc.compact()
         del ev
+    # accumulate() concatenates the entries of all images of a (category, area) in image order
+    # and slices each to maxDet first; one merged entry per (category, area), at the first
+    # image's slot, gives it the same arrays.
+    eval_imgs = [None] * (num_cats * num_areas * num_imgs)
+    for ka, acc in enumerate(merged):
+        eval_imgs[ka * num_imgs] = acc.as_eval_img()
+    del merged
     full.evalImgs = eval_imgs
     full._paramsEval = copy.deepcopy(p)
     full.accumulate()
@@ -118,7 +164,7 @@ def chunked_coco_bbox_eval(coco_gt, results_for_images, img_ids=None,
 class StreamingCOCOEvaluator(FocalCOCOEvaluator):
     """:class:`FocalCOCOEvaluator` (bbox) with compact storage and gathering (module docstring)."""
 
-    def __init__(self, *args, chunk_images=500, **kwargs):
+    def __init__(self, *args, chunk_images=100, **kwargs):
         super().__init__(*args, **kwargs)
         self._chunk_images = chunk_images
 
