@@ -81,4 +81,10 @@ def add_focal_config(cfg):
     # tests/test_evaluation.py; detectron2's own fast evaluator needs the compiled detectron2._C,
     # which the registry wheel lacks).
     _C.TEST.COCO_EVAL_IMPL = "pycocotools"
+    # Bounded-memory COCO evaluation for large test sets (focal_det.evaluation.streaming):
+    # 0 = detectron2's COCOEvaluator (every detection kept as a Python dict until the end; writes
+    # instances_predictions.pth); N > 0 = StreamingCOCOEvaluator: the same AP, detections kept as
+    # compact arrays, pycocotools' evaluate run N images at a time (memory measured in README
+    # "Reliability"); writes instances_predictions.npz instead.
+    _C.TEST.COCO_EVAL_CHUNK_IMAGES = 0
     return cfg

@@ -324,6 +324,10 @@ def check_config(cfg, world_size=None):
         p.append(f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={lq!r} must be one of "
                  "'detectron2', 'detectron', 'none'.")
 
+    if cfg.TEST.get("COCO_EVAL_CHUNK_IMAGES", 0) < 0:
+        p.append(f"TEST.COCO_EVAL_CHUNK_IMAGES={cfg.TEST.COCO_EVAL_CHUNK_IMAGES} must be >= 0 "
+                 "(0 = detectron2's COCOEvaluator, N = streaming evaluation N images at a time).")
+
     s = cfg.SOLVER
     if s.IMS_PER_BATCH <= 0:
         p.append(f"SOLVER.IMS_PER_BATCH={s.IMS_PER_BATCH} must be > 0.")

@@ -5,6 +5,7 @@ results file. (Its memory is measured by benchmarks/eval_memory.py, not asserted
 """
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -117,3 +118,17 @@ def test_streaming_matches_with_custom_max_dets(fake_coco):
     ref = _run(FocalCOCOEvaluator(name, ("bbox",), False, **kw), preds)
     got = _run(StreamingCOCOEvaluator(name, ("bbox",), False, chunk_images=7, **kw), preds)
     _assert_same(got, ref)
+
+
+def test_config_selects_streaming_evaluator(fake_coco, tmp_path):
+    from focal_det.demo_job import tiny_cfg
+    from focal_det.evaluation import build_coco_evaluator
+
+    name, preds = fake_coco
+    cfg = tiny_cfg()
+    assert type(build_coco_evaluator(cfg, name, str(tmp_path))) is FocalCOCOEvaluator
+    cfg.TEST.COCO_EVAL_CHUNK_IMAGES = 4
+    ev = build_coco_evaluator(cfg, name, str(tmp_path))
+    assert isinstance(ev, StreamingCOCOEvaluator) and ev._chunk_images == 4
+    _run(ev, preds)
+    assert os.path.isfile(tmp_path / "instances_predictions.npz")

@@ -153,6 +153,15 @@ def build_coco_evaluator(cfg, dataset_name, output_folder=None):
         all workers, keeping at most ``TEST.DETECTIONS_PER_IMAGE`` per image, computing AP with
         ``TEST.COCO_EVAL_IMPL``.
     """
+    chunk_images = cfg.TEST.get("COCO_EVAL_CHUNK_IMAGES", 0)
+    if chunk_images > 0:  # bounded memory, same numbers (focal_det.evaluation.streaming)
+        from .streaming import StreamingCOCOEvaluator
+
+        return StreamingCOCOEvaluator(
+            dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            impl=cfg.TEST.get("COCO_EVAL_IMPL", "pycocotools"), chunk_images=chunk_images,
+        )  # fmt: skip
     return FocalCOCOEvaluator(
         dataset_name,
         tasks=("bbox",),

@@ -14,11 +14,13 @@ them all again to gather them on the main process, ``torch.save``-s them to
   * writing ``coco_instances_results.json`` detection by detection (no giant string) and the
     compact arrays to ``instances_predictions.npz`` instead of a pickle of dicts.
   * running pycocotools' ``COCOeval.evaluate`` on chunks of ``chunk_images`` images (only that
-    chunk's detections become Python dicts) and keeping, per image x category x area, only what
-    ``COCOeval.accumulate`` reads, as compact arrays (bool matches instead of float64 gt ids, no
-    id lists). pycocotools' own ``accumulate``/``summarize`` then run unchanged on those, so the
-    numbers are pycocotools' exactly. ``evaluate`` on all images at once keeps ~1.7 kB of Python
+    chunk's detections become Python dicts, and its IoU matrices are freed with it) and
+    keeping, per (category, area range), only what ``COCOeval.accumulate`` reads, merged over
+    images into a few arrays (bool matches instead of float64 gt ids, no id lists).
+    pycocotools' own ``accumulate``/``summarize`` then run unchanged on those, so the numbers
+    are pycocotools' exactly. Evaluating all images at once instead keeps ~1.7 kB of Python
     objects per (image, category, area) until the end: the bulk of detectron2's peak memory.
+Enabled in the Trainer by ``TEST.COCO_EVAL_CHUNK_IMAGES > 0``.
 Measured by ``benchmarks/eval_memory.py`` (README "Reliability").
 """
 import contextlib
