@@ -28,6 +28,7 @@ win is therefore in the convolutions and the elementwise passes around them:
   that are above the threshold.
 """
 import logging
+import math
 import types
 import warnings
 from typing import List, Tuple
@@ -126,42 +127,47 @@ def torch_compile_works(device: str = "cpu") -> Tuple[bool, str]:
     return result
 
 
-def compile_forward(module: nn.Module, device: str = "cpu", **compile_kwargs) -> bool:
+def compile_forward(module: nn.Module, **compile_kwargs) -> None:
     """
     Replace ``module.forward`` by its ``torch.compile``-d version, in place (parameter names
     and ``state_dict`` keys are unchanged, unlike wrapping the module in ``torch.compile``).
-    If compilation is unavailable, or fails on the first call, warn once and run eager.
-    Returns whether the compiled forward was installed.
+    At the first call, on the device of the first tensor argument, compilation is probed; if it
+    is unavailable there, or fails on the first call, a warning is given once and the eager
+    forward runs from then on.
     """
-    ok, why = torch_compile_works(device)
-    if not ok:
-        warnings.warn(
-            f"MODEL.FOCAL.COMPILE_HEAD: torch.compile is not usable on {device} ({why}); "
-            f"running {type(module).__name__} eagerly.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
     eager = module.forward
     compiled = torch.compile(eager, **compile_kwargs)
-    state = {"failed": False}
+    state = {"use": None}  # None: undecided; then True (compiled) / False (eager)
+    name = type(module).__name__
+
+    def _fallback(why):
+        state["use"] = False
+        warnings.warn(
+            f"torch.compile of {name} is not usable ({why}); running it eagerly.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def forward(*args, **kwargs):
-        if not state["failed"]:
+        if state["use"] is None:
+            flat = [a for a in args if isinstance(a, Tensor)] + [
+                t for a in args if isinstance(a, (list, tuple)) for t in a
+                if isinstance(t, Tensor)
+            ]
+            device = flat[0].device.type if flat else "cpu"
+            ok, why = torch_compile_works(device)
+            if ok:
+                state["use"] = True
+            else:
+                _fallback(why)
+        if state["use"]:
             try:
                 return compiled(*args, **kwargs)
-            except Exception as e:  # compiler failure on these shapes: fall back for good
-                state["failed"] = True
-                warnings.warn(
-                    f"torch.compile of {type(module).__name__} failed "
-                    f"({type(e).__name__}: {e}); falling back to eager.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            except Exception as e:  # compiler failure on these inputs: eager for good
+                _fallback(f"{type(e).__name__}: {e}")
         return eager(*args, **kwargs)
 
     module.forward = forward
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +184,16 @@ def decode_top_candidates(
 ) -> Instances:
     """
     One level of RetinaNet inference, equal to detectron2's
-    ``DenseDetector._decode_per_level_predictions`` applied to ``pred_logits.sigmoid()``.
+    ``DenseDetector._decode_per_level_predictions`` applied to ``pred_logits.sigmoid()``, but
+    touching the R_l*K logits only with cheap passes (a max over classes, one comparison):
+
+    1. The k-th largest of the per-anchor maxima is a lower bound of the k-th largest logit
+       (those k maxima are k logits), so every top-k logit is >= it; so is every logit whose
+       probability passes ``score_thresh`` (>= logit(score_thresh), less a rounding margin).
+       Only the logits above the larger of the two bounds are gathered (typically ~k of them).
+    2. The top-k of those, their sigmoid, then detectron2's ``> score_thresh`` on the
+       probabilities: exactly detectron2's set, since the top-k of the passing scores are the
+       top-k scores that pass (the sigmoid is monotonic).
 
     Args:
         box2box_transform: the model's ``Box2BoxTransform``.
@@ -192,18 +207,28 @@ def decode_top_candidates(
     Returns:
         Instances with ``pred_boxes``, ``scores`` (probabilities, descending), ``pred_classes``.
     """
-    num_classes = pred_logits.shape[1]
-    flat = pred_logits.reshape(-1)
-    k = min(topk_candidates, flat.numel())
-    top_logits, top_idxs = flat.topk(k)  # sorted, descending
-    # The sigmoid is monotonic, so thresholding after the top-k keeps exactly detectron2's set
-    # (its top-k of the passing scores); computing it on k values instead of R_l*K is the win.
-    top_scores = top_logits.sigmoid()
-    keep = top_scores > score_thresh
-    scores = top_scores[keep]
-    idxs = top_idxs[keep]
-    anchor_idxs = idxs // num_classes
-    classes_idxs = idxs % num_classes
+    num_anchors, num_classes = pred_logits.shape
+    k = min(topk_candidates, num_anchors * num_classes)
+    cut = -math.inf
+    if 0 < k <= num_anchors:
+        row_max = pred_logits.detach().amax(dim=1)
+        cut = row_max.topk(k, sorted=False).values.min().item()
+    if 0.0 < score_thresh < 1.0:
+        # float32 rounding of the sigmoid can only move a probability by ~1 ulp: 1e-3 in logit
+        # space is far more than enough, and the exact test on probabilities follows.
+        cut = max(cut, math.log(score_thresh / (1.0 - score_thresh)) - 1e-3)
+    if cut > -math.inf:
+        anchor_idxs, classes_idxs = (pred_logits >= cut).nonzero(as_tuple=True)
+        cand_logits = pred_logits[anchor_idxs, classes_idxs]
+    else:  # fewer anchors than k and no threshold: every pair is a candidate
+        flat = torch.arange(num_anchors * num_classes, device=pred_logits.device)
+        anchor_idxs, classes_idxs = flat // num_classes, flat % num_classes
+        cand_logits = pred_logits.reshape(-1)
+    top_logits, order = cand_logits.topk(min(k, cand_logits.numel()))  # sorted, descending
+    scores = top_logits.sigmoid()
+    keep = scores > score_thresh
+    scores, order = scores[keep], order[keep]
+    anchor_idxs, classes_idxs = anchor_idxs[order], classes_idxs[order]
     pred_boxes = box2box_transform.apply_deltas(
         pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
     )
@@ -268,8 +293,5 @@ def apply_speed_options(
         convert_to_channels_last(model.backbone)
         convert_to_channels_last(model.head)
     if compile_head:
-        device = next(model.head.parameters()).device.type
-        # dynamic=False: a few static shapes (one per level and image size) compile to
-        # better kernels than one dynamic graph; detectron2 pads images to multiples of 32.
-        compile_forward(model.head, device=device, dynamic=False)
+        compile_forward(model.head)
     return model
