@@ -177,3 +177,11 @@ def test_help_runs():
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 0 and "usage" in r.stdout, (tool, r.stderr[-500:])
+
+
+def test_a_mistyped_override_fails_before_any_run(tmp_path, capsys):
+    argv = ["--table", "3", "--scale", "demo", "--demo-config", QUICK, "--output-root",
+            str(tmp_path), "--", "MODEL.RETINANET.FOCAL_LOSS_ALPH", "0.5"]  # fmt: skip
+    assert rt.main(argv) == 2
+    assert "FOCAL_LOSS_ALPHA" in capsys.readouterr().err  # the closest key is suggested
+    assert not (tmp_path / "demo").exists()

@@ -90,12 +90,17 @@ def load_cfg(path: str, opts: Optional[List[str]] = None):
     from detectron2.config import get_cfg
 
     from focal_det import add_focal_config
+    from focal_det.config_check import ConfigError, merge_config_file, merge_config_list
 
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(path)
-    if opts:
-        cfg.merge_from_list(list(opts))
+    try:
+        # Checked merges (unknown keys, wrong types, no code run from YAML), as train_net.py.
+        merge_config_file(cfg, path)
+        if opts:
+            merge_config_list(cfg, list(opts))
+    except ConfigError as e:
+        raise TableError(str(e)) from e
     return cfg
 
 
@@ -289,6 +294,9 @@ def plan_runs(args, rows: List[Row]) -> List[Run]:
             opts += ["DATALOADER.NUM_WORKERS", str(args.workers)]
         if opts is not None:
             opts += list(args.opts)
+        if opts is not None:
+            # Fail now, with the key named, rather than in the n-th training process.
+            load_cfg(base[-1], opts)
         for seed in args.seeds:
             if opts is None:
                 runs.append(Run(row, seed, "", [], skipped=reason))
