@@ -230,3 +230,23 @@ def test_decode_many_candidates_above_threshold_is_exact():
         )
 
     assert rows(ours) == rows(ref)
+
+
+def test_decode_with_nan_logits_drops_them_like_detectron2():
+    torch.manual_seed(2)
+    R, K = 400, 5
+    logits = torch.randn(R, K) * 3
+    logits[::3, 1] = float("nan")
+    logits[5, 2] = float("inf")
+    deltas = torch.randn(R, 4) * 0.2
+    xy = torch.rand(R, 2) * 300
+    anchors = Boxes(torch.cat([xy, xy + 32], dim=1))
+    d2 = _D2Decoder()
+    for topk in (50, 10**4):
+        ref = d2.decode(anchors, logits.sigmoid(), deltas, 0.05, topk, (400, 400))
+        ours = fast_ops.decode_top_candidates(
+            d2.box2box_transform, anchors, logits, deltas, 0.05, topk, (400, 400)
+        )
+        assert len(ours) == len(ref) > 0
+        assert not ours.scores.isnan().any()
+        assert sorted(ours.scores.tolist()) == sorted(ref.scores.tolist())

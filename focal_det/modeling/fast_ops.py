@@ -213,6 +213,12 @@ def decode_top_candidates(
     if 0 < k <= num_anchors:
         row_max = pred_logits.detach().amax(dim=1)
         cut = row_max.topk(k, sorted=False).values.min().item()
+        if math.isnan(cut):
+            # NaN logits (a diverged model): detectron2's "> score_thresh" drops them, so rank
+            # them below everything, then bound again.
+            pred_logits = pred_logits.nan_to_num(nan=-math.inf, posinf=math.inf)
+            row_max = pred_logits.amax(dim=1)
+            cut = row_max.topk(k, sorted=False).values.min().item()
     if 0.0 < score_thresh < 1.0:
         # float32 rounding of the sigmoid can only move a probability by ~1 ulp: 1e-3 in logit
         # space is far more than enough, and the exact test on probabilities follows.
@@ -223,7 +229,7 @@ def decode_top_candidates(
     else:  # fewer anchors than k and no threshold: every pair is a candidate
         flat = torch.arange(num_anchors * num_classes, device=pred_logits.device)
         anchor_idxs, classes_idxs = flat // num_classes, flat % num_classes
-        cand_logits = pred_logits.reshape(-1)
+        cand_logits = pred_logits.reshape(-1).nan_to_num(nan=-math.inf, posinf=math.inf)
     top_logits, order = cand_logits.topk(min(k, cand_logits.numel()))  # sorted, descending
     scores = top_logits.sigmoid()
     keep = scores > score_thresh
