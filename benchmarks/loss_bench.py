@@ -1,0 +1,450 @@
+"""
+Forward + backward time and peak extra memory of the focal loss at the paper's scale: focal_det's
+fused losses vs ``fvcore.nn.sigmoid_focal_loss`` vs ``torchvision.ops.sigmoid_focal_loss``,
+measured side by side in one run, with a memory-bandwidth lower bound.
+
+Scale: N images of HxW (default 2 x 800x1333), all anchors of P3-P7 with A = 9 (the image is
+padded to a multiple of 32 as detectron2's FPN does: 800x1344 -> 201,600 anchors per image),
+K = 80 classes, ~0.1% foreground anchors. FL with alpha = 0.25, gamma = 2, summed.
+
+Variants (each computes the same loss value; checked at start-up):
+
+* ``fvcore``            fvcore.nn.sigmoid_focal_loss(x, onehot, 0.25, 2, "sum")
+* ``torchvision``       torchvision.ops.sigmoid_focal_loss(x, onehot, 0.25, 2, "sum")
+* ``ours_dropin``       focal_det.losses.sigmoid_focal_loss(x, onehot, 0.25, 2, "sum")
+* ``ours_labels``       focal_det.losses.sigmoid_loss_from_labels(x, labels) (the detector's path)
+* ``ours_labels_eager`` the same with impl="eager" (no torch.compile)
+
+The dense variants get a prebuilt (N*R, K) float one-hot target (not timed, not counted as extra
+memory): that favours them, since a detector must build it every iteration.
+
+Time: median over ``--repeats`` of forward + ``backward()``, variants interleaved round-robin so
+that load from other processes hits all of them alike; the first call (torch.compile warm-up for
+ours) is reported separately. Peak extra memory on CPU: each variant runs in a fresh subprocess
+with glibc's malloc told to mmap every block >= 64 KiB (MALLOC_MMAP_THRESHOLD_), so freed memory
+goes back to the OS; after a warm-up call the peak RSS counter is reset (/proc/self/clear_refs)
+and the peak RSS (VmHWM) of one forward + backward minus the RSS before it is the extra memory:
+it includes the (N*R, K) gradient every variant must return. On CUDA: max_memory_allocated above
+the memory held before the call.
+
+Bandwidth bound: the fewest bytes any implementation must move -- read the logits and the
+targets (one-hot floats for the dense API, int64 labels for ours_labels), write the gradient --
+divided by the copy bandwidth measured in this run (large tensor copy, bytes read + written per
+second). "x bound" = measured time / that bound.
+
+Usage (the documented run; hold the lock so no other benchmark shares the cores)::
+
+    flock /tmp/focal_bench.lock .venv/bin/python benchmarks/loss_bench.py
+
+On a CUDA machine it runs the table in bfloat16 and float32 (``--device auto``).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "benchmarks" / "results" / "loss_bench.json"
+DEFAULT_MD = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- BEGIN loss_bench -->", "<!-- END loss_bench -->"
+VARIANTS = ("fvcore", "torchvision", "ours_dropin", "ours_labels", "ours_labels_eager")
+ALPHA, GAMMA = 0.25, 2.0
+
+
+def num_anchors(height, width, strides=(8, 16, 32, 64, 128), per_cell=9, divisibility=32):
+    """
+    Anchors of P3-P7 for an HxW image, as detectron2's RetinaNet generates them: the image is
+    padded to a multiple of ``divisibility``; P3-P5 are the padded size / stride; P6, P7 come
+    from 3x3 stride-2 convs with padding 1 (out = (in - 1) // 2 + 1).
+    """
+    h = math.ceil(height / divisibility) * divisibility
+    w = math.ceil(width / divisibility) * divisibility
+    sizes = []
+    for s in strides:
+        if s <= divisibility:
+            sizes.append((h // s, w // s))
+        else:
+            ph, pw = sizes[-1]
+            sizes.append(((ph - 1) // 2 + 1, (pw - 1) // 2 + 1))
+    return sum(a * b for a, b in sizes) * per_cell, sizes
+
+
+def num_anchors_detectron2(height, width):
+    """The same count from detectron2's own DefaultAnchorGenerator (cross-check)."""
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.anchor_generator import build_anchor_generator
+
+    cfg = get_cfg()
+    sizes = [[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [32, 64, 128, 256, 512]]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = sizes
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+    shapes = [ShapeSpec(stride=s) for s in (8, 16, 32, 64, 128)]
+    gen = build_anchor_generator(cfg, shapes)
+    _, level_sizes = num_anchors(height, width)
+    feats = [torch.zeros(1, 1, h, w) for h, w in level_sizes]
+    return sum(len(b) for b in gen(feats))
+
+
+# ---------------------------------------------------------------------------------------------
+def make_inputs(num_images, height, width, num_classes, fg_fraction, device, dtype, seed=0):
+    R, _ = num_anchors(height, width)
+    M = num_images * R
+    g = torch.Generator().manual_seed(seed)
+    # logits around the prior-probability init (pi = 0.01 -> -4.6) with some spread
+    x = (torch.randn(M, num_classes, generator=g) - 4.6).to(device=device, dtype=dtype)
+    labels = torch.full((M,), num_classes, dtype=torch.int64)
+    fg = torch.randperm(M, generator=g)[: max(1, int(round(M * fg_fraction)))]
+    labels[fg] = torch.randint(0, num_classes, (len(fg),), generator=g)
+    labels[torch.randperm(M, generator=g)[: M // 100]] = -1  # ~1% ignored anchors
+    labels = labels.to(device)
+    return x, labels
+
+
+def make_variant(name, labels, num_classes, dtype):
+    """Returns (fn(x) -> loss, needs dense target, bytes of targets per anchor)."""
+    from fvcore.nn import sigmoid_focal_loss as fv_focal
+    from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+    from focal_det.losses import sigmoid_focal_loss, sigmoid_loss_from_labels
+
+    valid = labels >= 0
+    if name == "ours_labels":
+        return lambda x: sigmoid_loss_from_labels(x, labels, alpha=ALPHA, gamma=GAMMA), None
+    if name == "ours_labels_eager":
+        return (
+            lambda x: sigmoid_loss_from_labels(x, labels, alpha=ALPHA, gamma=GAMMA, impl="eager"),
+            None,
+        )
+    # dense API: ignored anchors get all-zero targets AND a zero weight via masking the logits
+    # would cost a copy; instead they are treated as background here, for all three dense
+    # variants alike (the value check below compares dense variants with each other).
+    onehot = torch.zeros(labels.numel(), num_classes, dtype=dtype, device=labels.device)
+    fgm = valid & (labels < num_classes)
+    onehot[fgm.nonzero().squeeze(1), labels[fgm]] = 1
+    fns = {
+        "fvcore": lambda x: fv_focal(x, onehot, ALPHA, GAMMA, "sum"),
+        "torchvision": lambda x: tv_focal(x, onehot, ALPHA, GAMMA, "sum"),
+        "ours_dropin": lambda x: sigmoid_focal_loss(x, onehot, ALPHA, GAMMA, "sum"),
+    }
+    return fns[name], onehot
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd(fn, x):
+    x.grad = None
+    loss = fn(x)
+    loss.backward()
+    return loss
+
+
+def copy_bandwidth(device, nbytes=256 << 20, repeats=5):
+    """Bytes read + written per second by a large tensor copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: one variant per fresh process (CPU), or CUDA allocator statistics
+# ---------------------------------------------------------------------------------------------
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(args):
+    """Runs in a fresh process: prints the peak extra RSS (bytes) of one forward + backward."""
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    dtype = getattr(torch, args.dtypes[0])
+    x, labels = make_inputs(
+        args.images, args.height, args.width, args.num_classes, args.fg_fraction, device, dtype
+    )
+    fn, _ = make_variant(args.memory_child, labels, args.num_classes, dtype)
+    x.requires_grad_()
+    fwd_bwd(fn, x)  # warm-up (compiles ours); its gradient stays, like in training
+    x.grad = None
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss_kib("VmRSS")
+    fwd_bwd(fn, x)
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"peak_extra_bytes": (peak - before) * 1024}))
+
+
+def measure_memory_cpu(args, name, dtype_name):
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--memory-child", name,
+        "--images", str(args.images), "--height", str(args.height), "--width", str(args.width),
+        "--num-classes", str(args.num_classes), "--fg-fraction", str(args.fg_fraction),
+        "--threads", str(args.threads), "--dtypes", dtype_name, "--device", "cpu",
+    ]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024), MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def measure_memory_cuda(fn, x):
+    fwd_bwd(fn, x)
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd(fn, x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+# ---------------------------------------------------------------------------------------------
+def run_table(args, device, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    x0, labels = make_inputs(
+        args.images, args.height, args.width, args.num_classes, args.fg_fraction, device, dtype
+    )
+    M, K = x0.shape
+    itemsize = x0.element_size()
+    variants = {}
+    for name in args.variants:
+        fn, onehot = make_variant(name, labels, args.num_classes, dtype)
+        target_bytes = onehot.numel() * onehot.element_size() if onehot is not None else M * 8
+        variants[name] = dict(fn=fn, target_bytes=target_bytes, times=[])
+        del onehot
+
+    x = x0.clone().requires_grad_()
+    values = {}
+    for name, v in variants.items():  # first call: compile warm-up + value check
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = fwd_bwd(v["fn"], x)
+        _sync(device)
+        v["first_call_s"] = time.perf_counter() - t0
+        values[name] = loss.item()
+    dense = [values[n] for n in values if not n.startswith("ours_labels")]
+    lab = [values[n] for n in values if n.startswith("ours_labels")]
+    for group in (dense, lab):
+        for val in group:
+            if not math.isclose(val, group[0], rel_tol=1e-3):
+                raise RuntimeError(f"variants disagree on the loss value: {values}")
+
+    for _ in range(args.repeats):
+        for name, v in variants.items():  # interleaved: contention hits all variants alike
+            _sync(device)
+            t0 = time.perf_counter()
+            fwd_bwd(v["fn"], x)
+            _sync(device)
+            v["times"].append(time.perf_counter() - t0)
+    x.grad = None
+
+    bw = copy_bandwidth(device)
+    rows = []
+    for name, v in variants.items():
+        if args.memory == "none":
+            mem = None
+        elif device.type == "cuda":
+            mem = measure_memory_cuda(v["fn"], x)
+        else:
+            mem = measure_memory_cpu(args, name, dtype_name)
+        must_move = M * K * itemsize * 2 + v["target_bytes"]  # read logits, targets; write grad
+        t = statistics.median(v["times"])
+        rows.append(dict(
+            variant=name, median_s=t, min_s=min(v["times"]), times_s=v["times"],
+            first_call_s=v["first_call_s"], loss=values[name], peak_extra_bytes=mem,
+            bound_bytes=must_move, bound_s=must_move / bw, x_bound=t / (must_move / bw),
+        ))
+    ref = {r["variant"]: r for r in rows}.get("fvcore")
+    for r in rows:
+        r["speedup_vs_fvcore"] = ref["median_s"] / r["median_s"] if ref else None
+        r["memory_vs_fvcore"] = (
+            r["peak_extra_bytes"] / ref["peak_extra_bytes"]
+            if ref and r["peak_extra_bytes"] and ref["peak_extra_bytes"] else None
+        )
+    return dict(device=device.type, dtype=dtype_name, num_logits=M * K, anchors=M,
+                copy_bandwidth_Bps=bw, rows=rows)
+
+
+def machine_info(device, threads):
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.*)", f.read())
+            cpu = m.group(1) if m else cpu
+    except OSError:
+        pass
+    info = dict(
+        cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=threads,
+        python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+        date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import fvcore  # noqa: F401
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _mib(b):
+    return "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def render_markdown(result):
+    a = result["args"]
+    lines = [
+        BEGIN,
+        "## Loss: fused focal loss vs fvcore vs torchvision (forward + backward)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs, "
+        f"{result['machine']['torch_threads']} torch threads"
+        + (f", GPU {result['machine']['gpu']}" if "gpu" in result["machine"] else "")
+        + f"; torch {result['machine']['torch']}; {result['machine']['date_utc']}.  ",
+        f"Scale: {a['images']} images of {a['height']}x{a['width']} -> "
+        f"{result['anchors_per_image']:,} anchors per image (P3-P7, A = 9, padded to /32; "
+        f"detectron2's anchor generator agrees: {result['anchors_per_image_detectron2']:,}), "
+        f"K = {a['num_classes']}, {a['fg_fraction']:.1%} foreground, FL alpha 0.25 gamma 2, "
+        f"median of {a['repeats']} interleaved repeats.",
+        "",
+        "Peak extra memory: CPU = peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS "
+        "before one warmed-up forward + backward, each variant in a fresh process with "
+        "MALLOC_MMAP_THRESHOLD_=64KiB (freed blocks return to the OS); includes the gradient. "
+        "CUDA = torch.cuda.max_memory_allocated above the memory held before the call. "
+        "Bound = (read logits + targets, write gradient) bytes / measured copy bandwidth; "
+        "'x bound' = time / bound. 'first call' includes torch.compile warm-up.",
+        "",
+    ]
+    for table in result["tables"]:
+        lines += [
+            f"### {table['device'].upper()} {table['dtype']} "
+            f"({table['anchors']:,} anchors x {a['num_classes']} = {table['num_logits']:,} "
+            f"logits; copy bandwidth {table['copy_bandwidth_Bps'] / 1e9:.1f} GB/s)",
+            "",
+            "| variant | fwd+bwd (ms) | speed-up vs fvcore | peak extra mem | mem vs fvcore "
+            "| bound (ms) | x bound | first call (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in table["rows"]:
+            sp = r["speedup_vs_fvcore"]
+            mv = r["memory_vs_fvcore"]
+            lines.append(
+                f"| {r['variant']} | {r['median_s'] * 1e3:,.0f} | "
+                f"{'' if sp is None else f'{sp:.1f}x'} | {_mib(r['peak_extra_bytes'])} | "
+                f"{'' if mv is None else f'1/{1 / mv:.1f}'} | {r['bound_s'] * 1e3:.1f} | "
+                f"{r['x_bound']:.0f}x | {r['first_call_s']:.1f} |"
+            )
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown_section(path, section):
+    """Rewrites only our section of ``path`` (created if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--width", type=int, default=1333)
+    p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--fg-fraction", type=float, default=0.001)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch intra-op threads (default: all logical CPUs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtypes", nargs="+", default=None,
+                   help="default: float32 on CPU; bfloat16 float32 on CUDA")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--memory", default="auto", choices=["auto", "none"],
+                   help="'none' skips the peak-memory measurement")
+    p.add_argument("--json", default=str(DEFAULT_JSON))
+    p.add_argument("--markdown", default=str(DEFAULT_MD),
+                   help="file whose loss_bench section is rewritten ('' to skip)")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        args.dtypes = args.dtypes or ["float32"]
+        memory_child(args)
+        return None
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    args.dtypes = args.dtypes or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
+    torch.set_num_threads(args.threads)
+    R, _ = num_anchors(args.height, args.width)
+    result = dict(
+        command=" ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/loss_bench.py"]
+                         + list(sys.argv[1:] if argv is None else argv)),
+        machine=machine_info(device, args.threads),
+        args={k: v for k, v in vars(args).items() if k != "memory_child"},
+        anchors_per_image=R,
+        anchors_per_image_detectron2=num_anchors_detectron2(args.height, args.width),
+        tables=[],
+    )
+    for dtype_name in args.dtypes:
+        table = run_table(args, device, dtype_name)
+        result["tables"].append(table)
+        for r in table["rows"]:
+            print(f"{device.type} {dtype_name} {r['variant']:18s} {r['median_s'] * 1e3:9.1f} ms  "
+                  f"x{(r['speedup_vs_fvcore'] or 0):5.1f} vs fvcore  "
+                  f"mem {_mib(r['peak_extra_bytes'])}  {r['x_bound']:.0f}x bound", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        write_markdown_section(args.markdown, render_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
