@@ -20,11 +20,12 @@ Two ways to give the targets:
   -1 = ignored. The (M, K) one-hot target is never materialised: the comparison
   ``label == class`` happens inside the fused kernel.
 
-Every loss is a :class:`torch.autograd.Function`: the forward pass reads the logits once and
-saves only the inputs it was given (logits and targets / labels, no intermediate tensor); the
-backward pass recomputes ``p_t`` from them and writes the Appendix-B gradient in one pass. All
-arithmetic is done in float32 (float64 stays float64, for gradcheck); the gradient comes back in
-the logits' dtype.
+Every loss is a :class:`torch.autograd.Function`. Its forward pass is one loop over the logits
+that produces the loss and, when the logits require grad, the Appendix-B gradient d(loss)/dx
+(written once, in the logits' dtype: the only logits-sized tensor it allocates, and the one
+autograd hands back). Its backward pass is the chain rule in place in that buffer (skipped when
+grad_output is 1). Nothing else is saved: no p_t, no one-hot, no intermediate. All arithmetic is
+done in float32 (float64 stays float64, for gradcheck).
 
 Implementations (``impl``): ``"eager"`` (plain PyTorch ops), ``"compiled"`` (the same functions
 through ``torch.compile``: one fused loop forward, one fused loop backward) and ``"auto"``
