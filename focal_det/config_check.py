@@ -98,7 +98,7 @@ def _check_value(value, default, full_key, source):
         elif isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
             fix = f" Write it as a list, e.g. [{value!r}]."
         raise ConfigError(
-            f"Config key '{full_key}' {source} expects a {_type_name(default)} (default: "
+            f"Config key '{full_key}' {source} expects type {_type_name(default)} (default: "
             f"{default!r}) but got {_type_name(value)} {value!r}.{fix}"
         ) from None
 

@@ -75,7 +75,7 @@ def test_command_line_unknown_key_wrong_type_and_odd_length():
     assert "SOLVER.MAX_ITERS" in str(e.value) and "command line" in str(e.value)
     assert "Did you mean 'SOLVER.MAX_ITER'" in str(e.value)
 
-    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH.*expects a int.*str 'sixteen'"):
+    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH.*expects type int.*str 'sixteen'"):
         merge_config_list(_cfg(), ["SOLVER.IMS_PER_BATCH", "sixteen"])
     with pytest.raises(ConfigError, match="KEY VALUE pairs; 'SOLVER.BASE_LR' has no value"):
         merge_config_list(_cfg(), ["SOLVER.BASE_LR"])
