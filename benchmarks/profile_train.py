@@ -6,7 +6,10 @@ The forward pieces (backbone, head, anchors, label assignment, losses, classific
 wrapped in ``record_function`` ranges so the summary shows each as a share of the iteration;
 backward is reported per autograd op.
 
-    flock /tmp/focal_bench.lock .venv/bin/python benchmarks/profile_train.py --variants d2 ours
+    flock /tmp/focal_bench.lock .venv/bin/python benchmarks/profile_train.py
+
+Writes benchmarks/results/profile_train.json and the section between
+<!-- BEGIN profile_train --> / <!-- END profile_train --> of docs/benchmarks.md.
 """
 import argparse
 import functools
@@ -37,10 +40,14 @@ def _wrap(obj, attr, label):
 def profile_variant(name, weights, batch, iters, cfg_opts, row_limit):
     import torch
     from detectron2.utils.events import EventStorage
+    from model_bench import _apply_speed_options_from_opts
 
     torch.manual_seed(0)
-    model = bc.build_variant(name, cfg_opts=cfg_opts)
+    kind = "ours" if name.startswith("ours") else name
+    model = bc.build_variant(kind, cfg_opts=cfg_opts)
     model.load_state_dict(torch.load(weights), strict=True)
+    if kind == "ours" and not hasattr(model, "speed_options"):
+        _apply_speed_options_from_opts(model, cfg_opts)
     model.train()
     _wrap(model.backbone, "forward", "## backbone fwd")
     _wrap(model.head, "forward", "## head fwd")
@@ -68,17 +75,58 @@ def profile_variant(name, weights, batch, iters, cfg_opts, row_limit):
                 step()
         wall = (time.perf_counter() - t0) / iters
     ka = prof.key_averages()
-    phases = {e.key: e.cpu_time_total / 1e6 / iters for e in ka if e.key.startswith("## ")}
+    phases = {e.key[3:]: e.cpu_time_total / 1e6 / iters for e in ka if e.key.startswith("## ")}
+    top_ops = sorted(
+        ((e.key, e.self_cpu_time_total / 1e6 / iters) for e in ka if not e.key.startswith("## ")),
+        key=lambda kv: -kv[1],
+    )[:8]
     print(f"\n=== {name} {' '.join(cfg_opts)}: {wall:.2f} s/iter (profiled wall) ===")
     for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
-        print(f"  {k[3:]:24s} {v:7.3f} s  {100 * v / wall:5.1f} %")
+        print(f"  {k:24s} {v:7.3f} s  {100 * v / wall:5.1f} %")
     print(ka.table(sort_by="self_cpu_time_total", row_limit=row_limit))
-    return wall, phases
+    return {"variant": name, "opts": cfg_opts, "wall_s": wall, "phases_s": phases,
+            "top_ops_self_s": top_ops}
+
+
+PHASES = ["backbone fwd", "head fwd", "anchors", "label_anchors", "losses (cls+box)",
+          "cls loss module", "backward", "sgd step"]
+
+
+def to_markdown(result):
+    a, m = result["args"], result["machine"]
+    lines = [
+        "## Where a training iteration spends its time (torch.profiler)",
+        "",
+        f"Measured {result['date']} at commit `{result['commit']}` with",
+        "",
+        "```",
+        result["command"],
+        "```",
+        "",
+        f"Machine: {m['cpu']}, {m['cores_visible']} cores, {a['threads']} torch threads; torch "
+        f"{m['torch']}. Batch {a['batch']} x {a['height']}x{a['width']}, R50-FPN, K = 80, "
+        "same weights; 1 warm-up iteration, then profiled. Seconds per iteration (share of "
+        "the profiled wall time; the profiler itself adds overhead).",
+        "",
+        "| phase | " + " | ".join(f"`{r['variant']}`" for r in result["runs"]) + " |",
+        "|---|" + "---|" * len(result["runs"]),
+    ]
+    for ph in PHASES + ["(wall, whole iteration)"]:
+        cells = []
+        for r in result["runs"]:
+            v = r["wall_s"] if ph.startswith("(wall") else r["phases_s"].get(ph)
+            cells.append("-" if v is None else f"{v:.2f} s ({100 * v / r['wall_s']:.0f} %)")
+        lines.append(f"| {ph} | " + " | ".join(cells) + " |")
+    lines += ["", "Heaviest operators (self CPU s/iter): " + "; ".join(
+        f"`{r['variant']}`: " + ", ".join(f"{k} {v:.2f}" for k, v in r["top_ops_self_s"][:4])
+        for r in result["runs"]) + "."]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["d2", "ours"], choices=["d2", "ours"])
+    p.add_argument("--variants", nargs="+", default=["d2", "ours", "ours_fast"],
+                   choices=["d2", "ours", "ours_fast"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--height", type=int, default=800)
     p.add_argument("--width", type=int, default=1067)
@@ -88,18 +136,38 @@ def main(argv=None):
     p.add_argument(
         "--ours-opts", nargs="*", default=[], help="config overrides for ours (KEY VALUE ...)"
     )
+    p.add_argument("--json", default=str(bc.RESULTS / "profile_train.json"))
+    p.add_argument("--doc", default=str(bc.DOCS), help="Markdown file to update ('' = none)")
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     batch = bc.synthetic_images(args.batch, args.height, args.width, seed=1)
+    from model_bench import FAST_OPTS
+
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "d2.pth")
         bc.prepare_weights("d2", weights)
         for name in args.variants:
-            opts = args.ours_opts if name == "ours" else []
-            profile_variant(name, weights, batch, args.iters, opts, args.rows)
+            opts = {"d2": [], "ours": [], "ours_fast": FAST_OPTS}[name]
+            opts = opts + (args.ours_opts if name.startswith("ours") else [])
+            runs.append(profile_variant(name, weights, batch, args.iters, opts, args.rows))
+    result = {
+        "date": bc.now_utc(),
+        "commit": bc.git_commit(),
+        "command": "flock /tmp/focal_bench.lock " + bc.command_line(),
+        "machine": bc.machine_description(),
+        "args": vars(args),
+        "runs": runs,
+    }
+    md = to_markdown(result)
+    print("\n" + md)
+    if args.json:
+        bc.write_json(result, args.json)
+    if args.doc:
+        bc.write_doc_section("profile_train", md, args.doc)
 
 
 if __name__ == "__main__":
