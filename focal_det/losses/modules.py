@@ -3,7 +3,8 @@ The registered classification losses (config: ``MODEL.FOCAL.LOSS.NAME``). Each a
 function of :mod:`focal_det.losses.functional` to the contract of :mod:`focal_det.losses.base`:
 ``module(pred_logits (N, R, K), gt_labels (N, R), anchors (R, 4)) -> ClassificationLossOutput``.
 
-Bad hyper-parameters fail when the model is built, with the config key to fix.
+Bad hyper-parameters fail when the model is built, with the config key to fix. The returned loss
+is float32 for float16 / bfloat16 / float32 logits (float64 for float64 logits, for gradcheck).
 """
 from typing import Dict
 
@@ -64,7 +65,7 @@ class FocalLoss(DenseClassificationLoss):
             pred_logits, gt_labels, loss="focal", alpha=self.alpha, gamma=self.gamma,
             impl=self.impl,
         )
-        return ClassificationLossOutput(loss=loss.float())
+        return ClassificationLossOutput(loss=loss)
 
     def extra_repr(self):
         return f"alpha={self.alpha}, gamma={self.gamma}, impl={self.impl}"
@@ -107,7 +108,7 @@ class FocalLossStar(DenseClassificationLoss):
             pred_logits, gt_labels, loss="star", alpha=self.alpha, gamma=self.gamma,
             beta=self.beta, impl=self.impl,
         )
-        return ClassificationLossOutput(loss=loss.float())
+        return ClassificationLossOutput(loss=loss)
 
     def extra_repr(self):
         return f"alpha={self.alpha}, gamma={self.gamma}, beta={self.beta}, impl={self.impl}"
@@ -140,7 +141,7 @@ class BalancedCE(DenseClassificationLoss):
         loss = sigmoid_loss_from_labels(
             pred_logits, gt_labels, loss="focal", alpha=self.alpha, gamma=0.0, impl=self.impl
         )
-        return ClassificationLossOutput(loss=loss.float())
+        return ClassificationLossOutput(loss=loss)
 
     def extra_repr(self):
         return f"alpha={self.alpha}, impl={self.impl}"
@@ -312,7 +313,7 @@ class OHEM(DenseClassificationLoss):
             "ohem_num_pos_selected": num_pos / max(len(gt_labels), 1),
         }
         return ClassificationLossOutput(
-            loss=loss.float(), normalizer=float(max(num_sel, 1)), box_mask=fg, stats=stats
+            loss=loss, normalizer=float(max(num_sel, 1)), box_mask=fg, stats=stats
         )
 
     def extra_repr(self):
