@@ -324,6 +324,14 @@ def check_config(cfg, world_size=None):
         p.append(f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={lq!r} must be one of "
                  "'detectron2', 'detectron', 'none'.")
 
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights:
+        local = weights.split("?", 1)[0]  # "...?sha256=<hex>" / "?matching_heuristics=True"
+        if not os.path.isfile(os.path.expanduser(local)):
+            looked = os.path.abspath(os.path.expanduser(local))
+            p.append(f"MODEL.WEIGHTS={weights!r}: no such file (looked for {looked}). Give a "
+                     "local .pth/.pkl, a URL (https://, detectron2://), or '' to start from "
+                     "random weights.")
     if cfg.TEST.get("COCO_EVAL_CHUNK_IMAGES", 0) < 0:
         p.append(f"TEST.COCO_EVAL_CHUNK_IMAGES={cfg.TEST.COCO_EVAL_CHUNK_IMAGES} must be >= 0 "
                  "(0 = detectron2's COCOEvaluator, N = streaming evaluation N images at a time).")

@@ -123,3 +123,24 @@ def test_anchor_count_must_match_across_levels():
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64]]
     with pytest.raises(ConfigError, match="has 2 lists but there are 3 feature levels"):
         check_config(cfg)
+
+
+def test_setup_stops_before_any_work(tmp_path):
+    from detectron2.engine import default_argument_parser
+
+    from focal_det.engine import setup
+
+    out = tmp_path / "out"
+    quick = os.path.join(os.path.dirname(__file__), "..", "configs", "quick",
+                         "retinanet_tiny_quick.yaml")
+    for opts, expect in [
+        (["SOLVER.BASE_LRR", "0.1"], "Did you mean 'SOLVER.BASE_LR'"),
+        (["MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE", "-4"], "BATCH_SIZE_PER_IMAGE=-4 must be > 0"),
+        (["MODEL.WEIGHTS", str(tmp_path / "nope.pth")], "nope.pth.*no such file"),
+    ]:
+        args = default_argument_parser().parse_args(
+            ["--config-file", quick, "OUTPUT_DIR", str(out)] + opts
+        )
+        with pytest.raises(ConfigError, match=expect):
+            setup(args)
+        assert not out.exists()  # default_setup (logs, config dump) never ran
