@@ -303,6 +303,7 @@ def machine_info(device, threads):
     except OSError:
         pass
     info = dict(
+        load_avg_start=os.getloadavg(),
         cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=threads,
         python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
         date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -333,7 +334,11 @@ def render_markdown(result):
         f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs, "
         f"{result['machine']['torch_threads']} torch threads"
         + (f", GPU {result['machine']['gpu']}" if "gpu" in result["machine"] else "")
-        + f"; torch {result['machine']['torch']}; {result['machine']['date_utc']}.  ",
+        + f"; torch {result['machine']['torch']}; {result['machine']['date_utc']}; "
+        f"1-min load average {result['machine']['load_avg_start'][0]:.1f} at the start, "
+        f"{result['machine'].get('load_avg_end', [float('nan')])[0]:.1f} at the end "
+        "(other processes share the cores; the variants are interleaved so they share it "
+        "alike).  ",
         f"Scale: {a['images']} images of {a['height']}x{a['width']} -> "
         f"{result['anchors_per_image']:,} anchors per image (P3-P7, A = 9, padded to /32; "
         f"detectron2's anchor generator agrees: {result['anchors_per_image_detectron2']:,}), "
@@ -345,7 +350,8 @@ def render_markdown(result):
         "MALLOC_MMAP_THRESHOLD_=64KiB (freed blocks return to the OS); includes the gradient. "
         "CUDA = torch.cuda.max_memory_allocated above the memory held before the call. "
         "Bound = (read logits + targets, write gradient) bytes / measured copy bandwidth; "
-        "'x bound' = time / bound. 'first call' includes torch.compile warm-up.",
+        "'x bound' = time / bound. 'first call' includes torch.compile warm-up. The dense "
+        "variants get a prebuilt one-hot target (not timed, not counted), which favours them.",
         "",
     ]
     for table in result["tables"]:
@@ -438,6 +444,7 @@ def main(argv=None):
             print(f"{device.type} {dtype_name} {r['variant']:18s} {r['median_s'] * 1e3:9.1f} ms  "
                   f"x{(r['speedup_vs_fvcore'] or 0):5.1f} vs fvcore  "
                   f"mem {_mib(r['peak_extra_bytes'])}  {r['x_bound']:.0f}x bound", flush=True)
+    result["machine"]["load_avg_end"] = os.getloadavg()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
