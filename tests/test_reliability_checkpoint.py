@@ -94,9 +94,13 @@ def test_pth_with_code_is_refused(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "x": _Payload(marker)}, bad)
     ckpt = SafeDetectionCheckpointer(_model(), str(tmp_path / "out"))
-    with pytest.raises(UnsafeCheckpointError, match="bad.pth"):
+    with pytest.raises(UnsafeCheckpointError, match="bad.pth.*FOCAL_TRUST_PICKLE=1"):
         ckpt.load(str(bad))
     assert not os.path.exists(marker)
+    # Only an explicit opt-in unpickles it (and runs its code: that is what trust means).
+    trusting = SafeDetectionCheckpointer(_model(), str(tmp_path / "out"), trust_pickle=True)
+    trusting._torch_load(str(bad))
+    assert os.path.exists(marker)
 
 
 def test_pkl_with_code_is_refused_and_plain_pkl_loads(tmp_path):

@@ -17,7 +17,8 @@ Checkpoints that survive a kill and files that stay data.
   Detectron / detectron2-model-zoo ``.pkl`` files are pickles by nature; they are read with a
   restricted unpickler that only rebuilds numpy arrays, numpy scalars and plain containers, and
   refuses any other global (``os.system``, ...). Pass ``trust_pickle=True`` (or set
-  ``FOCAL_TRUST_PICKLE=1``) only for a file from a source you trust whose format needs more.
+  ``FOCAL_TRUST_PICKLE=1``) only for a file from a source you trust whose format needs more:
+  it turns on full unpickling for ``.pkl`` and ``.pth`` alike.
 
 ``download_verified`` is the hash-checked download for model-zoo files.
 """
@@ -247,14 +248,16 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     # ---- loading ------------------------------------------------------------------------
     def _torch_load(self, f):
+        if self.trust_pickle:  # the user vouched for the file: full unpickling
+            return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
         try:
             return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(
                 f"{f} contains objects other than tensors and plain containers, so it was not "
-                "loaded (torch.load(weights_only=True)). If you trust its source, re-save its "
-                f"state dict with plain types, or allowlist the class with "
-                f"torch.serialization.add_safe_globals. Original error: {e}"
+                "loaded (torch.load(weights_only=True)). If you trust its source: allowlist the "
+                "class with torch.serialization.add_safe_globals, or set FOCAL_TRUST_PICKLE=1 "
+                f"(SafeDetectionCheckpointer(..., trust_pickle=True)). Original error: {e}"
             ) from e
 
     def _load_file(self, filename):
