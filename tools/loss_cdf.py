@@ -270,9 +270,10 @@ def write_outputs(result, gammas, output_dir, meta: Dict, dpi=120):
         ax.set_ylabel("cumulative normalized loss")
         ax.set_title(f"CDF of the loss of {title}\n({n_kept:,} of {n_seen:,} anchors)", fontsize=10)
         ax.legend(loc="upper left")
-    fig.suptitle(
-        f"Fig. 4: {meta.get('weights') or 'random-init model'} on {meta.get('dataset')}", fontsize=9
-    )
+    weights = meta.get("weights") or ""
+    # The run folder names the model: keep the last three path components of a long path.
+    short = os.path.join(*weights.split(os.sep)[-3:]) if weights else "random-init model"
+    fig.suptitle(f"Fig. 4: {short} on {meta.get('dataset')}", fontsize=9)
     fig.tight_layout()
     png_path = os.path.join(output_dir, "loss_cdf.png")
     fig.savefig(png_path, dpi=dpi)
