@@ -174,6 +174,9 @@ def test_loss_cdf_on_a_tiny_random_model_matches_the_models_own_loss(tmp_path):
     assert total_pos == res["num_positive_seen"]
     ours = float(res["positives"].sum() + res["negatives"].sum())
     assert ours == pytest.approx(total_ref, rel=1e-4)
+    tot = summary["total_loss_estimate"]["gamma=2"]  # all anchors kept: the estimate is exact
+    assert tot["positives"] + tot["negatives"] == pytest.approx(total_ref, rel=1e-4)
+    assert 0 < tot["negative_share"] < 1
 
 
 def test_loss_cdf_rejects_unknown_dataset(tmp_path):

@@ -239,6 +239,20 @@ def summarize(result: Dict, gammas: Sequence[float], num_grid: int = 1001):
     return grid, curves, shares
 
 
+def _totals(result: Dict, gammas: Sequence[float]) -> Dict:
+    out = {}
+    for gi, g in enumerate(gammas):
+        tot = {}
+        for group in ("positives", "negatives"):
+            data = result[group]
+            n_seen = result[f"num_{group[:-1]}_seen"]
+            tot[group] = float(data[:, gi].astype(np.float64).mean() * n_seen) if len(data) else 0.0
+        both = tot["positives"] + tot["negatives"]
+        tot["negative_share"] = tot["negatives"] / both if both > 0 else None
+        out[f"gamma={g:g}"] = tot
+    return out
+
+
 def write_outputs(result, gammas, output_dir, meta: Dict, dpi=120):
     import matplotlib
 
@@ -291,6 +305,9 @@ def write_outputs(result, gammas, output_dir, meta: Dict, dpi=120):
             "num_positive_kept": int(len(result["positives"])),
             "num_negative_kept": int(len(result["negatives"])),
             "share_of_loss_in_hardest_anchors": shares,
+            # Estimated total loss of each group (mean of the kept anchors x anchors seen), and
+            # the share of the negatives: how much easy background dominates the summed loss.
+            "total_loss_estimate": _totals(result, gammas),
         }
     )
     with open(json_path, "w") as f:
