@@ -67,6 +67,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _log1p(e: torch.Tensor) -> torch.Tensor:
+    """
+    log(1 + e), accurate to a few ulps, from one log: with u = fl(1 + e), log(u) * e / (u - 1)
+    cancels the rounding of 1 + e (Goldberg's trick; u == 1 means e is below the ulp of 1, where
+    log1p(e) = e). Written out because the vectorised CPU log1p that torch.compile emits is ~10x
+    slower than log (it dominated the fused loss: 136 ms vs 13 ms for 32M floats here).
+    """
+    u = 1.0 + e
+    return torch.where(u == 1.0, e, torch.log(u) * (e / (u - 1.0)))
+
+
 def _pt_parts(x: torch.Tensor, pos: torch.Tensor):
     """
     Stable pieces of the binary sigmoid loss, from one exp and one log1p.
@@ -80,7 +91,7 @@ def _pt_parts(x: torch.Tensor, pos: torch.Tensor):
     nonneg = z >= 0
     p_t = torch.where(nonneg, r, er)
     q = torch.where(nonneg, er, r)
-    ce = torch.clamp(-z, min=0.0) + torch.log1p(e)  # softplus(-x_t) = -log p_t
+    ce = torch.clamp(-z, min=0.0) + _log1p(e)  # softplus(-x_t) = -log p_t
     return ce, p_t, q
 
 
@@ -108,7 +119,7 @@ def _focal_grad(x, pos, alpha: float, gamma: float):
 def _star_value(x, pos, alpha: float, gamma: float, beta: float):
     z = torch.where(pos, x, -x)
     s = gamma * z + beta  # x*_t; FL* = softplus(-x*_t) / gamma
-    loss = (torch.clamp(-s, min=0.0) + torch.log1p(torch.exp(-s.abs()))) / gamma
+    loss = (torch.clamp(-s, min=0.0) + _log1p(torch.exp(-s.abs()))) / gamma
     return loss if alpha < 0 else loss * _alpha_t(pos, alpha)
 
 
