@@ -106,7 +106,9 @@ def to_markdown(result):
         f"Machine: {m['cpu']}, {m['cores_visible']} cores, {a['threads']} torch threads; torch "
         f"{m['torch']}. Batch {a['batch']} x {a['height']}x{a['width']}, R50-FPN, K = 80, "
         "same weights; 1 warm-up iteration, then profiled. Seconds per iteration (share of "
-        "the profiled wall time; the profiler itself adds overhead).",
+        "the profiled wall time; the profiler itself adds overhead). The variants run one "
+        "after the other, so load from other jobs differs between columns: read the shares; "
+        "the side-by-side timing is model_bench's.",
         "",
         "| phase | " + " | ".join(f"`{r['variant']}`" for r in result["runs"]) + " |",
         "|---|" + "---|" * len(result["runs"]),
