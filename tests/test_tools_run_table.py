@@ -185,3 +185,28 @@ def test_a_mistyped_override_fails_before_any_run(tmp_path, capsys):
     assert rt.main(argv) == 2
     assert "FOCAL_LOSS_ALPHA" in capsys.readouterr().err  # the closest key is suggested
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_result_whose_config_changed_since_is_stale_and_rerun(tmp_path):
+    fake = tmp_path / "fake_train_net.py"
+    fake.write_text(f"LOG = {LOG!r}\n" + FAKE_TRAIN_NET)
+    root = tmp_path / "out"
+    argv = ["--table", "3", "--scale", "demo", "--demo-config", QUICK, "--iters", "5", "--rows",
+            "fl_gamma2.0", "--output-root", str(root), "--train-net", str(fake)]  # fmt: skip
+    assert rt.main(argv) == 0
+    (run,) = rt.plan_runs(
+        rt.build_parser().parse_args(argv), rt.discover_rows("3", REPO + "/configs")[1:2]
+    )
+    # As detectron2 saves it: the run's merged config. Identical -> done; an edited base -> stale.
+    cfg = rt.load_cfg(QUICK, run.argv[2:])
+    (tmp_path / "cfg.yaml").write_text(cfg.dump())
+    os.replace(tmp_path / "cfg.yaml", os.path.join(run.output_dir, "config.yaml"))
+    assert rt.run_state(run)["state"] == "done"
+    cfg.defrost()
+    cfg.SOLVER.BASE_LR = 0.123
+    with open(os.path.join(run.output_dir, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    st = rt.run_state(run)
+    assert st["state"] == "stale" and "SOLVER.BASE_LR" in st["reason"]
+    assert rt.main(argv) == 0  # reruns it
+    assert len((root / "demo" / "calls.txt").read_text().split()) == 2

@@ -81,6 +81,7 @@ class Run:
     argv: List[str]  # train_net.py arguments (without the interpreter)
     skipped: Optional[str] = None  # reason the row has no run at this scale
     status: Dict = field(default_factory=dict)
+    expected_cfg: Optional[Dict] = None  # flattened merged config the command gives now
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,9 +295,10 @@ def plan_runs(args, rows: List[Row]) -> List[Run]:
             opts += ["DATALOADER.NUM_WORKERS", str(args.workers)]
         if opts is not None:
             opts += list(args.opts)
+        expected = None
         if opts is not None:
             # Fail now, with the key named, rather than in the n-th training process.
-            load_cfg(base[-1], opts)
+            expected = _flat_cfg(load_cfg(base[-1], opts))
         for seed in args.seeds:
             if opts is None:
                 runs.append(Run(row, seed, "", [], skipped=reason))
@@ -304,8 +306,46 @@ def plan_runs(args, rows: List[Row]) -> List[Run]:
             digest = hashlib.sha1(json.dumps(base + opts).encode()).hexdigest()[:8]
             out = os.path.join(scale_root, f"{row.stem}__{digest}", f"seed{seed}")
             argv = base + opts + ["SEED", str(seed), "OUTPUT_DIR", out]
-            runs.append(Run(row, seed, out, argv))
+            runs.append(Run(row, seed, out, argv, expected_cfg=expected))
     return runs
+
+
+# Keys that legitimately differ between a run's saved config.yaml and its planned config.
+_VOLATILE_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.DEVICE")
+
+
+def _flat_cfg(cfg) -> Dict:
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, prefix + k + "."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    return {k: v for k, v in flat(yaml.safe_load(cfg.dump())).items() if k not in _VOLATILE_KEYS}
+
+
+def config_drift(run: Run) -> List[str]:
+    """
+    Keys whose value in the run's saved ``config.yaml`` differs from what its command gives
+    today (e.g. a base config edited after the run). Keys present on one side only (a key
+    added to focal_det since) are ignored. Empty when nothing to compare.
+    """
+    path = os.path.join(run.output_dir, "config.yaml")
+    if run.expected_cfg is None or not os.path.isfile(path):
+        return []
+    import yaml
+    from detectron2.config import CfgNode
+
+    with open(path) as f:
+        saved = _flat_cfg(CfgNode(yaml.safe_load(f)))
+    return sorted(
+        k for k in saved.keys() & run.expected_cfg.keys() if saved[k] != run.expected_cfg[k]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +390,12 @@ def run_state(run: Run) -> Dict:
         with open(status_path) as f:
             status = json.load(f)
     if metrics is not None:
+        drift = config_drift(run)
+        if drift:
+            # Its command is the same but a config file it reads has changed since: the result
+            # is not this command's any more. Rerun by default; shown as "stale" until then.
+            return {**status, "state": "stale", "metrics": metrics,
+                    "reason": f"config changed since the run: {', '.join(drift[:5])}"}  # fmt: skip
         return {**status, "state": "done", "metrics": metrics}
     if status.get("state") == "failed":
         return status
@@ -460,6 +506,8 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
             cells += ["n/a"] * len(METRICS)
         elif "failed" in states:
             cells += ["failed"] * len(METRICS)
+        elif "stale" in states:
+            cells += ["stale"] * len(METRICS)
         else:
             cells += ["not run"] * len(METRICS)
         per_seed = []
@@ -479,7 +527,7 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
         )
     for s in summary:
         for r in s["runs"]:
-            if r["state"] in ("failed", "skipped"):
+            if r["state"] in ("failed", "skipped", "stale"):
                 what = r.get("reason", "")
                 notes.append(
                     f"- {os.path.basename(s['config'])} seed {r['seed']}: {r['state']}: {what}"
@@ -611,7 +659,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         todo = []
         for r in runs:
             st = run_state(r)
-            if st["state"] == "pending" or (st["state"] == "failed" and args.retry_failed):
+            if st["state"] in ("pending", "stale") or (
+                st["state"] == "failed" and args.retry_failed
+            ):
                 todo.append(r)
         print(
             f"[run_table] Table {args.table} ({args.scale}): {len(runs)} runs, {len(todo)} to run"
