@@ -39,6 +39,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..losses import build_classification_loss
+from .fast_ops import TopCandidatesInference, apply_speed_options
 from .heads import build_focal_head
 from .matcher import RetinaNetMatcher
 
@@ -50,7 +51,7 @@ _EMA_NORMALIZER_INIT = 100.0
 
 
 @META_ARCH_REGISTRY.register()
-class FocalRetinaNet(RetinaNet):
+class FocalRetinaNet(TopCandidatesInference, RetinaNet):
     """
     RetinaNet whose classification loss is any registered dense loss (FL, FL*, alpha-balanced
     CE, OHEM). Training, for N images and R anchors (all levels, R = sum Hi*Wi*A):
@@ -66,7 +67,11 @@ class FocalRetinaNet(RetinaNet):
 
     Inference is detectron2's, which is the paper's: per level, keep scores > 0.05, then the
     top 1000; decode those boxes only; merge levels; per-class NMS at 0.5; keep
-    ``TEST.DETECTIONS_PER_IMAGE``.
+    ``TEST.DETECTIONS_PER_IMAGE``. It runs on the logits (``fast_ops.TopCandidatesInference``):
+    the sigmoid is applied to the top candidates only, with detectron2's detections.
+
+    Speed switches (``fast_ops.apply_speed_options``), numerically neutral: MODEL.FOCAL.
+    CHANNELS_LAST, FOLD_FROZEN_BN and COMPILE_HEAD (falls back to eager with a warning).
     """
 
     @configurable
@@ -76,6 +81,9 @@ class FocalRetinaNet(RetinaNet):
         cls_loss: nn.Module,
         normalizer_momentum: float = 0.0,
         normalizer_all_reduce: bool = False,
+        channels_last: bool = False,
+        fold_frozen_bn: bool = False,
+        compile_head: bool = False,
         **kwargs,
     ):
         """
@@ -88,6 +96,8 @@ class FocalRetinaNet(RetinaNet):
             normalizer_all_reduce (bool): use the mean foreground count over all workers
                 instead of this worker's, so that with DDP's gradient averaging the loss is
                 normalised by the global count. Off in the paper (each GPU used its own).
+            channels_last, fold_frozen_bn, compile_head (bool): the speed switches of
+                :func:`focal_det.modeling.fast_ops.apply_speed_options` (same numbers).
             kwargs: the arguments of detectron2's :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -99,6 +109,10 @@ class FocalRetinaNet(RetinaNet):
         self.cls_loss = cls_loss
         self.normalizer_momentum = normalizer_momentum
         self.normalizer_all_reduce = normalizer_all_reduce
+        self.speed_options = dict(
+            channels_last=channels_last, fold_frozen_bn=fold_frozen_bn, compile_head=compile_head
+        )
+        apply_speed_options(self, **self.speed_options)
 
     @classmethod
     def from_config(cls, cfg):
@@ -125,6 +139,9 @@ class FocalRetinaNet(RetinaNet):
             "cls_loss": build_classification_loss(cfg),
             "normalizer_momentum": cfg.MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM,
             "normalizer_all_reduce": cfg.MODEL.FOCAL.LOSS.NORMALIZER_ALL_REDUCE,
+            "channels_last": cfg.MODEL.FOCAL.CHANNELS_LAST,
+            "fold_frozen_bn": cfg.MODEL.FOCAL.FOLD_FROZEN_BN,
+            "compile_head": cfg.MODEL.FOCAL.COMPILE_HEAD,
             "focal_loss_alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
             "smooth_l1_beta": cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA,
