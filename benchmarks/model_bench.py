@@ -86,25 +86,6 @@ def _mem_peak(device):
     return bc.peak_rss_mb()
 
 
-def _apply_speed_options_from_opts(model, opts):
-    """
-    For a FocalRetinaNet that does not read MODEL.FOCAL.{CHANNELS_LAST,FOLD_FROZEN_BN,
-    COMPILE_HEAD} itself (no ``speed_options`` attribute): apply them here, the same way.
-    """
-    from focal_det.modeling import fast_ops
-
-    kv = dict(zip(opts[::2], opts[1::2]))
-    flags = {
-        k: kv.get(f"MODEL.FOCAL.{k.upper()}", "False") == "True"
-        for k in ("channels_last", "fold_frozen_bn", "compile_head")
-    }
-    if any(flags.values()):
-        model.__class__ = type(
-            "FastFocalRetinaNet", (fast_ops.TopCandidatesInference, type(model)), {}
-        )
-        fast_ops.apply_speed_options(model, **flags)
-
-
 def run_worker(spec):
     import torch
 
@@ -124,8 +105,6 @@ def run_worker(spec):
     state = torch.load(spec["weights"], map_location=device)
     model.load_state_dict(state, strict=True)
     del state
-    if kind == "ours" and not hasattr(model, "speed_options"):
-        _apply_speed_options_from_opts(model, spec["opts"])
     build_s = time.perf_counter() - t_build
     out = {"variant": spec["variant"], "phase": spec["phase"], "build_s": build_s}
 

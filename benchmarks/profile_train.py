@@ -40,14 +40,11 @@ def _wrap(obj, attr, label):
 def profile_variant(name, weights, batch, iters, cfg_opts, row_limit):
     import torch
     from detectron2.utils.events import EventStorage
-    from model_bench import _apply_speed_options_from_opts
 
     torch.manual_seed(0)
     kind = "ours" if name.startswith("ours") else name
     model = bc.build_variant(kind, cfg_opts=cfg_opts)
     model.load_state_dict(torch.load(weights), strict=True)
-    if kind == "ours" and not hasattr(model, "speed_options"):
-        _apply_speed_options_from_opts(model, cfg_opts)
     model.train()
     _wrap(model.backbone, "forward", "## backbone fwd")
     _wrap(model.head, "forward", "## head fwd")
