@@ -294,6 +294,21 @@ def run_table(args, device, dtype_name):
                 copy_bandwidth_Bps=bw, rows=rows)
 
 
+def bench_lock_held(path="/tmp/focal_bench.lock"):
+    """True when another open file description holds the benchmark lock (our flock wrapper)."""
+    import fcntl
+
+    try:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def machine_info(device, threads):
     cpu = platform.processor() or ""
     try:
@@ -428,9 +443,12 @@ def main(argv=None):
     args.dtypes = args.dtypes or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     torch.set_num_threads(args.threads)
     R, _ = num_anchors(args.height, args.width)
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/loss_bench.py"]
+                       + list(sys.argv[1:] if argv is None else argv))
+    if bench_lock_held():
+        command = "flock /tmp/focal_bench.lock " + command
     result = dict(
-        command=" ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/loss_bench.py"]
-                         + list(sys.argv[1:] if argv is None else argv)),
+        command=command,
         machine=machine_info(device, args.threads),
         args={k: v for k, v in vars(args).items() if k != "memory_child"},
         anchors_per_image=R,
