@@ -250,3 +250,23 @@ def test_decode_with_nan_logits_drops_them_like_detectron2():
         assert len(ours) == len(ref) > 0
         assert not ours.scores.isnan().any()
         assert sorted(ours.scores.tolist()) == sorted(ref.scores.tolist())
+
+
+@pytest.mark.parametrize("topk", [50, 10**4])
+def test_decode_saturated_scores_is_identical_to_detectron2(topk):
+    """Logits so large that many probabilities are exactly 1.0: ties resolved as detectron2."""
+    torch.manual_seed(3)
+    R, K = 300, 6
+    logits = torch.randn(R, K) * 200
+    deltas = torch.randn(R, 4) * 0.2
+    xy = torch.rand(R, 2) * 300
+    anchors = Boxes(torch.cat([xy, xy + 32], dim=1))
+    d2 = _D2Decoder()
+    ref = d2.decode(anchors, logits.sigmoid(), deltas, 0.05, topk, (400, 400))
+    ours = fast_ops.decode_top_candidates(
+        d2.box2box_transform, anchors, logits, deltas, 0.05, topk, (400, 400)
+    )
+    assert (ref.scores == 1.0).sum() > 10
+    assert torch.equal(ours.scores, ref.scores)
+    assert torch.equal(ours.pred_classes, ref.pred_classes)
+    assert torch.equal(ours.pred_boxes.tensor, ref.pred_boxes.tensor)

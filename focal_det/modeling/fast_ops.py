@@ -194,6 +194,9 @@ def decode_top_candidates(
     2. The top-k of those, their sigmoid, then detectron2's ``> score_thresh`` on the
        probabilities: exactly detectron2's set, since the top-k of the passing scores are the
        top-k scores that pass (the sigmoid is monotonic).
+    3. If two kept probabilities are equal (float32 saturation of different logits, e.g. a
+       diverged model), detectron2's result depends on how its top-k orders ties; the level is
+       then decoded with detectron2's own procedure, so the output is always identical.
 
     Args:
         box2box_transform: the model's ``Box2BoxTransform``.
@@ -230,16 +233,50 @@ def decode_top_candidates(
         flat = torch.arange(num_anchors * num_classes, device=pred_logits.device)
         anchor_idxs, classes_idxs = flat // num_classes, flat % num_classes
         cand_logits = pred_logits.reshape(-1).nan_to_num(nan=-math.inf, posinf=math.inf)
-    top_logits, order = cand_logits.topk(min(k, cand_logits.numel()))  # sorted, descending
-    scores = top_logits.sigmoid()
+    # One more than k, to see a tie at the boundary.
+    top_logits, order = cand_logits.topk(min(k + 1, cand_logits.numel()))  # sorted, descending
+    probs = top_logits.sigmoid()
+    scores, order = probs[:k], order[:k]
     keep = scores > score_thresh
     scores, order = scores[keep], order[keep]
+    tie_inside = bool((scores[1:] == scores[:-1]).any())
+    tie_at_k = (
+        probs.numel() > k and bool(probs[k] > score_thresh) and bool(probs[k] == probs[k - 1])
+    )
+    if tie_inside or tie_at_k:
+        # Equal probabilities (e.g. saturated at 1.0) from different logits: which of them
+        # detectron2 keeps, and in which order, is whatever its top-k over the probabilities
+        # returns. Reproduce that exactly with its own procedure (rare; costs the full pass).
+        return _decode_like_detectron2(
+            box2box_transform, anchors, pred_logits, pred_deltas, score_thresh,
+            topk_candidates, image_size,
+        )
     anchor_idxs, classes_idxs = anchor_idxs[order], classes_idxs[order]
     pred_boxes = box2box_transform.apply_deltas(
         pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
     )
     return Instances(
         image_size, pred_boxes=Boxes(pred_boxes), scores=scores, pred_classes=classes_idxs
+    )
+
+
+def _decode_like_detectron2(
+    box2box_transform, anchors, pred_logits, pred_deltas, score_thresh, topk_candidates,
+    image_size,
+) -> Instances:
+    """detectron2's ``DenseDetector._decode_per_level_predictions`` on ``sigmoid(logits)``."""
+    pred_scores = pred_logits.sigmoid()
+    keep_idxs = pred_scores > score_thresh
+    pred_scores = pred_scores[keep_idxs]
+    topk_idxs = torch.nonzero(keep_idxs)
+    num_topk = min(topk_idxs.shape[0], topk_candidates)
+    pred_scores, idxs = pred_scores.topk(num_topk)
+    anchor_idxs, classes_idxs = topk_idxs[idxs].unbind(dim=1)
+    pred_boxes = box2box_transform.apply_deltas(
+        pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
+    )
+    return Instances(
+        image_size, pred_boxes=Boxes(pred_boxes), scores=pred_scores, pred_classes=classes_idxs
     )
 
 
