@@ -2,14 +2,16 @@
 Speed-ups of FocalRetinaNet that leave its numbers unchanged (to float rounding).
 
 Where a RetinaNet R50-FPN training iteration spends its time on CPU (torch.profiler, one
-800x1067 image, 2 threads; ``benchmarks/profile_train.py``): ~70-75 % in convolution backward,
-~20 % in the backbone and head forward, and in detectron2's RetinaNet ~6 % in the focal loss
-path (one-hot + fvcore's loss), which focal_det's fused label-based loss removes. What is left to
-win is therefore in the convolutions and the elementwise passes around them:
+800x1067 image, 2 threads; ``benchmarks/profile_train.py``, docs/benchmarks.md): 50-75 % in the
+backward pass, almost all of it convolution backward, ~35 % in the backbone and head forward,
+and in detectron2's RetinaNet ~5 % in the loss step (one-hot + fvcore's focal loss), which
+focal_det's fused label-based loss removes. What is left to win is in the convolutions and the
+elementwise passes around them:
 
 * :func:`convert_to_channels_last` (``MODEL.FOCAL.CHANNELS_LAST``): oneDNN's convolutions, forward
-  and above all backward, run ~1.3-1.5x faster on NHWC tensors than on NCHW ones on this CPU,
-  since NCHW inputs are reordered to a blocked layout and back at every call. The head's
+  and above all backward, are faster on NHWC tensors than on NCHW ones on this CPU (a single
+  256-channel 3x3 conv at P3 size: ~1.35x forward, ~1.5x backward in a quick probe), since NCHW
+  inputs are reordered to a blocked layout and back at every call. The head's
   (N, A*K, H, W) outputs then also turn into (N, H*W*A, K) with a free view instead of a copy.
 * :func:`fold_frozen_bn_into_convs` (``MODEL.FOCAL.FOLD_FROZEN_BN``): a FrozenBN after a
   convolution is an affine map per output channel, so ``bn(conv(x, W, b)) = conv(x, W * s,
