@@ -9,9 +9,9 @@ focal_det's fused label-based loss removes. What is left to win is in the convol
 elementwise passes around them:
 
 * :func:`convert_to_channels_last` (``MODEL.FOCAL.CHANNELS_LAST``): oneDNN's convolutions, forward
-  and above all backward, are faster on NHWC tensors than on NCHW ones on this CPU (a single
-  256-channel 3x3 conv at P3 size: ~1.35x forward, ~1.5x backward in a quick probe), since NCHW
-  inputs are reordered to a blocked layout and back at every call. The head's
+  and above all backward, are faster on NHWC tensors than on NCHW ones on this CPU (measured:
+  ``benchmarks/model_bench.py``, ``ours`` vs ``ours_fast``), since NCHW inputs are reordered to
+  a blocked layout and back at every call. The head's
   (N, A*K, H, W) outputs then also turn into (N, H*W*A, K) with a free view instead of a copy.
 * :func:`fold_frozen_bn_into_convs` (``MODEL.FOCAL.FOLD_FROZEN_BN``): a FrozenBN after a
   convolution is an affine map per output channel, so ``bn(conv(x, W, b)) = conv(x, W * s,
