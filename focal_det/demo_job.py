@@ -215,6 +215,12 @@ def run_demo(
     with open(Path(output_dir) / "demo_results.json", "w") as f:
         json.dump(summary, f, indent=1)
     bbox = results["bbox"]
+    if not bbox["AP"] == bbox["AP"]:  # NaN: COCOEvaluator got no detection at all
+        _say(
+            f"WARNING: no detection scored >= MODEL.RETINANET.SCORE_THRESH_TEST "
+            f"({cfg.MODEL.RETINANET.SCORE_THRESH_TEST}): the detector has not learned yet; "
+            "train longer (SOLVER.MAX_ITER) or with a larger SOLVER.BASE_LR"
+        )
     _say(
         f"done in {summary['seconds']['total'] / 60:.1f} min: box AP50 {bbox['AP50']:.1f}, "
         f"AP {bbox['AP']:.1f}, AP75 {bbox['AP75']:.1f} on {cfg.DATASETS.TEST[0]}"
