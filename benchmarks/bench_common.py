@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -273,7 +274,7 @@ def now_utc():
 
 
 def command_line():
-    return " ".join([Path(sys.executable).name] + sys.argv)
+    return shlex.join([Path(sys.executable).name] + sys.argv)
 
 
 # ---------------------------------------------------------------------------------------------
