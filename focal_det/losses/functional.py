@@ -35,6 +35,7 @@ float rounding (tested).
 """
 import logging
 import threading
+import types
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -226,6 +227,18 @@ def _get_compiled(mode: str, kind, alpha, gamma, beta, reduction, with_grad):
                 def kernel(x, t):
                     return base(x, t, kind, alpha, gamma, beta, reduction, with_grad)
 
+                # Dynamo counts recompilations per code object, and every closure made here
+                # shares one: a process that uses several losses/parameters would exhaust the
+                # recompile limit (8) and fail. A fresh code object per key gives each kernel
+                # its own compilation cache.
+                name = f"focal_kernel_{len(_compiled_cache)}"
+                kernel = types.FunctionType(
+                    kernel.__code__.replace(co_name=name),
+                    kernel.__globals__,
+                    name,
+                    kernel.__defaults__,
+                    kernel.__closure__,
+                )
                 fn = torch.compile(kernel, dynamic=True, fullgraph=True)
                 _compiled_cache[key] = fn
     return fn
