@@ -11,7 +11,6 @@ from files) that also:
   * verifies a SHA-256 given as ``...?sha256=<hex>`` on the weights URL/path, or known to the
     model zoo for that URL.
 """
-import hashlib
 import logging
 import os
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -21,7 +20,7 @@ import torch
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import get_cache_dir
 
-from ..engine.safe_checkpoint import SafeDetectionCheckpointer
+from ..engine.safe_checkpoint import SafeDetectionCheckpointer, sha256_of_file
 from .detectron_names import detectron_to_focal_names, is_detectron_retinanet
 
 __all__ = ["FocalCheckpointer", "WeightsUnavailableError", "expected_cache_path", "KNOWN_SHA256"]
@@ -57,14 +56,6 @@ def expected_cache_path(url):
     )
 
 
-def _sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _split_sha256(path):
     """``path?sha256=..`` -> (path without that query item, expected hex or None)."""
     parsed = urlparse(path)
@@ -94,7 +85,7 @@ class FocalCheckpointer(SafeDetectionCheckpointer):
         else:
             local = PathManager.get_local_path(base)
         if expected:
-            got = _sha256(local)
+            got = sha256_of_file(local)
             if got != expected.lower():
                 raise ValueError(
                     f"{local} (weights {base}) has sha256 {got}, expected {expected}: the file "

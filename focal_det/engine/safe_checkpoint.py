@@ -129,6 +129,7 @@ def restricted_pickle_load(f, source="<stream>", encoding="latin1"):
 
 
 def sha256_of_file(path, chunk_size=1 << 20):
+    """Hex SHA-256 of a file, read in chunks (checkpoints are too large to read at once)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk_size), b""):
