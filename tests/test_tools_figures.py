@@ -4,7 +4,6 @@ from focal_det's losses and must match the paper's closed forms / the model's ow
 """
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -13,16 +12,11 @@ import pytest
 import synthetic_detection  # noqa: I001  (tests/ helper, on sys.path under pytest)
 import torch
 import torch.nn.functional as F
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = os.path.join(REPO, "configs", "quick", "retinanet_tiny_quick.yaml")
+from repo_scripts import QUICK, load_script  # noqa: I001  (tests/ helper)
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join("tools", name + ".py"), name)
 
 
 plc = _load_tool("plot_loss_curves")

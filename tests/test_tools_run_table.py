@@ -4,7 +4,6 @@ demo-scale mapping, commands, metrics parsed from detectron2 logs, resumability,
 Training itself is replaced by a fake train_net.py that writes a detectron2-style log.txt.
 """
 
-import importlib.util
 import json
 import os
 import shlex
@@ -12,16 +11,11 @@ import sys
 import textwrap
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = os.path.join(REPO, "configs", "quick", "retinanet_tiny_quick.yaml")
+from repo_scripts import QUICK, REPO, load_script  # noqa: I001  (tests/ helper)
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join("tools", name + ".py"), name)
 
 
 rt = _load_tool("run_table")

@@ -2,7 +2,6 @@
 train_net.py / focal_det.engine: training, checkpoint + --eval-only, --resume, and the
 2-process CPU (gloo) distributed path, on a tiny synthetic dataset.
 """
-import importlib.util
 import json
 import os
 import socket
@@ -11,11 +10,9 @@ import pytest
 import synthetic_detection  # noqa: I001  (tests/ helper, on sys.path under pytest)
 import torch
 from detectron2.engine import default_argument_parser, launch
+from repo_scripts import QUICK, load_script  # noqa: I001  (tests/ helper)
 
 from focal_det.engine import main as engine_main
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = os.path.join(REPO, "configs", "quick", "retinanet_tiny_quick.yaml")
 
 
 def _args(tmp, *extra, eval_only=False, resume=False, num_gpus=1):
@@ -50,10 +47,7 @@ def _free_port():
 
 def _train_net_script():
     """train_net.py imported as a module (its ``main`` is what ``launch`` runs)."""
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_net.py")
 
 
 def test_train_then_eval_only_reproduces_results(tmp_path):
