@@ -277,6 +277,34 @@ def command_line():
     return shlex.join([Path(sys.executable).name] + sys.argv)
 
 
+def run_record(under_lock=True):
+    """
+    The provenance every benchmark result starts with: date, commit, the command (prefixed with
+    the ``flock`` wrapper for timing runs that must hold the benchmark lock) and the machine.
+    """
+    command = command_line()
+    if under_lock:
+        command = "flock /tmp/focal_bench.lock " + command
+    return {
+        "date": now_utc(),
+        "commit": git_commit(),
+        "command": command,
+        "machine": machine_description(),
+    }
+
+
+def measured_header(result):
+    """Markdown lines naming when, at which commit and with which command ``result`` was made."""
+    return [
+        f"Measured {result['date']} at commit `{result['commit']}` with",
+        "",
+        "```",
+        result["command"],
+        "```",
+        "",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # docs/benchmarks.md
 # ---------------------------------------------------------------------------------------------
@@ -303,3 +331,13 @@ def write_json(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def publish(result, markdown, json_path, doc_path, marker):
+    """Print ``markdown``, write ``result`` to ``json_path`` and the doc section ``marker`` of
+    ``doc_path`` (either skipped when '')."""
+    print("\n" + markdown)
+    if json_path:
+        write_json(result, json_path)
+    if doc_path:
+        write_doc_section(marker, markdown, doc_path)

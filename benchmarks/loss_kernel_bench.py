@@ -171,21 +171,13 @@ def main(argv=None):
                       + (f"  peak +{res['peak_extra_mb']:.0f} MiB" if "peak_extra_mb" in res
                          else ""), flush=True)
     result = {
-        "date": bc.now_utc(),
-        "commit": bc.git_commit(),
-        "command": bc.command_line(),
-        "machine": bc.machine_description(),
+        **bc.run_record(under_lock=False),  # GPU suite: a machine of its own, no lock
         "copy_bandwidth_GBps": bw / 1e9,
         "anchors_per_image": r,
         "args": vars(args),
         "rows": rows,
     }
-    md = to_markdown(result)
-    print("\n" + md)
-    if args.json:
-        bc.write_json(result, args.json)
-    if args.doc:
-        bc.write_doc_section(args.doc_marker, md, args.doc)
+    bc.publish(result, to_markdown(result), args.json, args.doc, args.doc_marker)
     return result
 
 
@@ -194,7 +186,7 @@ def to_markdown(result):
     lines = [
         f"## Loss kernel vs the memory-bandwidth bound ({a['device']})",
         "",
-        f"Measured {result['date']} at commit `{result['commit']}` with `{result['command']}`. "
+        *bc.measured_header(result),
         f"Machine: {m.get('gpu', m['cpu'])}; torch {m['torch']}. {a['size']} images, "
         f"{result['anchors_per_image']} anchors each, K = {a['num_classes']}, FL forward + "
         f"backward; copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s.",

@@ -279,12 +279,7 @@ def to_markdown(result):
     lines = [
         "## Train / inference: ours vs detectron2 vs torchvision (RetinaNet R50-FPN)",
         "",
-        f"Measured {result['date']} at commit `{result['commit']}` with",
-        "",
-        "```",
-        result["command"],
-        "```",
-        "",
+        *bc.measured_header(result),
         f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, {m['torch_threads']} torch "
         f"threads{', GPU ' + m['gpu'] if 'gpu' in m else ''}; torch {m['torch']}, torchvision "
         f"{m['torchvision']}, detectron2 {m['detectron2']}, Python {m['python']}. Device "
@@ -414,10 +409,7 @@ def main(argv=None):
         args_d.pop(k)
     args_d["train_size"] = [th, tw]
     result = {
-        "date": bc.now_utc(),
-        "commit": bc.git_commit(),
-        "command": "flock /tmp/focal_bench.lock " + bc.command_line(),
-        "machine": bc.machine_description(),
+        **bc.run_record(under_lock=True),
         "args": args_d,
         "summary": summarize(runs, args.variants, args.infer_sizes),
         "runs": runs,
@@ -428,12 +420,7 @@ def main(argv=None):
             "end": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
         },
     }
-    md = to_markdown(result)
-    print("\n" + md)
-    if args.json:
-        bc.write_json(result, args.json)
-    if args.doc:
-        bc.write_doc_section(args.doc_marker, md, args.doc)
+    bc.publish(result, to_markdown(result), args.json, args.doc, args.doc_marker)
     return result
 
 

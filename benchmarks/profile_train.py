@@ -94,12 +94,7 @@ def to_markdown(result):
     lines = [
         "## Where a training iteration spends its time (torch.profiler)",
         "",
-        f"Measured {result['date']} at commit `{result['commit']}` with",
-        "",
-        "```",
-        result["command"],
-        "```",
-        "",
+        *bc.measured_header(result),
         f"Machine: {m['cpu']}, {m['cores_visible']} cores, {a['threads']} torch threads; torch "
         f"{m['torch']}. Batch {a['batch']} x {a['height']}x{a['width']}, R50-FPN, K = 80, "
         "same weights; 1 warm-up iteration, then profiled. Seconds per iteration (share of "
@@ -154,19 +149,11 @@ def main(argv=None):
             opts = opts + (args.ours_opts if name.startswith("ours") else [])
             runs.append(profile_variant(name, weights, batch, args.iters, opts, args.rows))
     result = {
-        "date": bc.now_utc(),
-        "commit": bc.git_commit(),
-        "command": "flock /tmp/focal_bench.lock " + bc.command_line(),
-        "machine": bc.machine_description(),
+        **bc.run_record(under_lock=True),
         "args": vars(args),
         "runs": runs,
     }
-    md = to_markdown(result)
-    print("\n" + md)
-    if args.json:
-        bc.write_json(result, args.json)
-    if args.doc:
-        bc.write_doc_section("profile_train", md, args.doc)
+    bc.publish(result, to_markdown(result), args.json, args.doc, "profile_train")
 
 
 if __name__ == "__main__":
