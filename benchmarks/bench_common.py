@@ -1,6 +1,7 @@
 """
-Shared pieces of the model benchmarks: the three detectors built the same way, synthetic data,
-machine description, memory probes, and the writer of our section of docs/benchmarks.md.
+Shared pieces of the benchmarks: the three detectors built the same way, synthetic data, the
+anchor count of an image, machine description, copy bandwidth, memory probes, the run record
+(date, commit, command, machine) and the writer of a section of docs/benchmarks.md.
 
 The three variants compared (all RetinaNet R50-FPN, P3-P7, A = 9, K classes, random weights):
 
@@ -30,6 +31,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -157,6 +159,25 @@ def prepare_weights(name, path, num_classes=80, seed=0, score_thresh=0.05, calib
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
+def num_anchors(height, width, strides=(8, 16, 32, 64, 128), per_cell=9, divisibility=32):
+    """
+    Anchors of P3-P7 for an HxW image, as detectron2's RetinaNet generates them: the image is
+    padded to a multiple of ``divisibility``; P3-P5 are the padded size / stride; P6, P7 come
+    from 3x3 stride-2 convs with padding 1 (out = (in - 1) // 2 + 1).
+    Returns (anchors per image, [(h, w) of each level]).
+    """
+    h = math.ceil(height / divisibility) * divisibility
+    w = math.ceil(width / divisibility) * divisibility
+    sizes = []
+    for s in strides:
+        if s <= divisibility:
+            sizes.append((h // s, w // s))
+        else:
+            ph, pw = sizes[-1]
+            sizes.append(((ph - 1) // 2 + 1, (pw - 1) // 2 + 1))
+    return sum(a * b for a, b in sizes) * per_cell, sizes
+
+
 def synthetic_images(n, height, width, num_boxes=5, num_classes=80, seed=0):
     """
     ``n`` detectron2-style inputs: {"image": (3, H, W) float 0..255, "instances": Instances}
@@ -215,6 +236,27 @@ def machine_description():
     if torch.cuda.is_available():
         desc["gpu"] = torch.cuda.get_device_name(0)
     return desc
+
+
+def sync(device):
+    """Wait for the device's queued work (a no-op on CPU) so that a timer brackets all of it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, nbytes=256 << 20, repeats=5):
+    """Bytes read + written per second by a large tensor copy (best of ``repeats``)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(times)
 
 
 def rss_mb():

@@ -39,12 +39,10 @@ Usage (the documented run; hold the lock so no other benchmark shares the cores)
 On a CUDA machine it runs the table in bfloat16 and float32 (``--device auto``).
 """
 import argparse
-import datetime
 import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -54,30 +52,18 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = REPO / "benchmarks" / "results" / "loss_bench.json"
-DEFAULT_MD = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- BEGIN loss_bench -->", "<!-- END loss_bench -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_common as bc  # noqa: E402
+from bench_common import num_anchors  # noqa: E402  (part of this script's API: tests use it)
+
+REPO = bc.REPO
+DEFAULT_JSON = bc.RESULTS / "loss_bench.json"
+DEFAULT_MD = bc.DOCS
+MARKER = "loss_bench"
+BEGIN, END = f"<!-- BEGIN {MARKER} -->", f"<!-- END {MARKER} -->"
 VARIANTS = ("fvcore", "torchvision", "ours_dropin", "ours_labels", "ours_labels_eager")
 ALPHA, GAMMA = 0.25, 2.0
-
-
-def num_anchors(height, width, strides=(8, 16, 32, 64, 128), per_cell=9, divisibility=32):
-    """
-    Anchors of P3-P7 for an HxW image, as detectron2's RetinaNet generates them: the image is
-    padded to a multiple of ``divisibility``; P3-P5 are the padded size / stride; P6, P7 come
-    from 3x3 stride-2 convs with padding 1 (out = (in - 1) // 2 + 1).
-    """
-    h = math.ceil(height / divisibility) * divisibility
-    w = math.ceil(width / divisibility) * divisibility
-    sizes = []
-    for s in strides:
-        if s <= divisibility:
-            sizes.append((h // s, w // s))
-        else:
-            ph, pw = sizes[-1]
-            sizes.append(((ph - 1) // 2 + 1, (pw - 1) // 2 + 1))
-    return sum(a * b for a, b in sizes) * per_cell, sizes
 
 
 def num_anchors_detectron2(height, width):
@@ -141,31 +127,11 @@ def make_variant(name, labels, num_classes, dtype):
     return fns[name], onehot
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def fwd_bwd(fn, x):
     x.grad = None
     loss = fn(x)
     loss.backward()
     return loss
-
-
-def copy_bandwidth(device, nbytes=256 << 20, repeats=5):
-    """Bytes read + written per second by a large tensor copy."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / min(times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,10 +211,10 @@ def run_table(args, device, dtype_name):
     x = x0.clone().requires_grad_()
     values = {}
     for name, v in variants.items():  # first call: compile warm-up + value check
-        _sync(device)
+        bc.sync(device)
         t0 = time.perf_counter()
         loss = fwd_bwd(v["fn"], x)
-        _sync(device)
+        bc.sync(device)
         v["first_call_s"] = time.perf_counter() - t0
         values[name] = loss.item()
     dense = [values[n] for n in values if not n.startswith("ours_labels")]
@@ -260,14 +226,14 @@ def run_table(args, device, dtype_name):
 
     for _ in range(args.repeats):
         for name, v in variants.items():  # interleaved: contention hits all variants alike
-            _sync(device)
+            bc.sync(device)
             t0 = time.perf_counter()
             fwd_bwd(v["fn"], x)
-            _sync(device)
+            bc.sync(device)
             v["times"].append(time.perf_counter() - t0)
     x.grad = None
 
-    bw = copy_bandwidth(device)
+    bw = bc.copy_bandwidth(device)
     rows = []
     for name, v in variants.items():
         if args.memory == "none":
@@ -310,28 +276,14 @@ def bench_lock_held(path="/tmp/focal_bench.lock"):
 
 
 def machine_info(device, threads):
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-            cpu = m.group(1) if m else cpu
-    except OSError:
-        pass
-    info = dict(
-        load_avg_start=os.getloadavg(),
-        cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=threads,
-        python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-        date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    """bench_common's machine description plus what this table reports: load, threads, date."""
+    info = bc.machine_description()
+    if device.type != "cuda":
+        info.pop("gpu", None)  # a CPU table names no GPU even where one is present
+    info.update(
+        load_avg_start=os.getloadavg(), logical_cpus=os.cpu_count(), torch_threads=threads,
+        platform=platform.platform(), date_utc=bc.now_utc(),
     )
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        import fvcore  # noqa: F401
-        import torchvision
-
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
     return info
 
 
@@ -342,7 +294,6 @@ def _mib(b):
 def render_markdown(result):
     a = result["args"]
     lines = [
-        BEGIN,
         "## Loss: fused focal loss vs fvcore vs torchvision (forward + backward)",
         "",
         f"Command: `{result['command']}`  ",
@@ -389,22 +340,7 @@ def render_markdown(result):
                 f"{r['x_bound']:.0f}x | {r['first_call_s']:.1f} |"
             )
         lines.append("")
-    lines.append(END)
-    return "\n".join(lines) + "\n"
-
-
-def write_markdown_section(path, section):
-    """Rewrites only our section of ``path`` (created if missing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -464,10 +400,9 @@ def main(argv=None):
                   f"mem {_mib(r['peak_extra_bytes'])}  {r['x_bound']:.0f}x bound", flush=True)
     result["machine"]["load_avg_end"] = os.getloadavg()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        bc.write_json(result, args.json)
     if args.markdown:
-        write_markdown_section(args.markdown, render_markdown(result))
+        bc.write_doc_section(MARKER, render_markdown(result), args.markdown)
     return result
 
 

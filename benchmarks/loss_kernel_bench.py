@@ -6,6 +6,10 @@ one-hot), forward + backward, for N images of HxW (all anchors of P3-P7, A = 9) 
 
 Made for the GPU suite (benchmarks/gpu_suite.sh: fp32 and bf16, 2 and 8 images of 800x1333); it
 runs on CPU too (the CPU table of record is the loss engineer's benchmarks/loss_bench.py).
+It differs from loss_bench in what is timed: here the fvcore / torchvision variants build the
+one-hot target and drop ignored anchors inside the timed call, as detectron2's
+``RetinaNet.losses`` does every iteration (loss_bench hands them a prebuilt one-hot), and
+several batch sizes share one run.
 
 Bandwidth bound: the fewest bytes a fused forward + backward must move -- read the logits and
 the labels in the forward pass, read them again and write the gradient in the backward pass:
@@ -17,7 +21,6 @@ Peak extra memory (CUDA only): torch.cuda.max_memory_allocated above the inputs.
         --dtypes float32 bfloat16
 """
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -26,19 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
-
-
-def num_anchors(height, width, levels=(3, 4, 5, 6, 7), per_cell=9, divisibility=32):
-    """Anchors of RetinaNet's P3-P7 for an HxW image padded to a multiple of 32."""
-    h = math.ceil(height / divisibility) * divisibility
-    w = math.ceil(width / divisibility) * divisibility
-    total = 0
-    for lvl in levels:
-        hs, ws = h, w
-        for _ in range(lvl):  # stride-2 steps, rounding up as the convs with padding 1 do
-            hs, ws = math.ceil(hs / 2), math.ceil(ws / 2)
-        total += hs * ws * per_cell
-    return total
 
 
 def make_inputs(n, r, k, dtype, device, fg=0.001, ignore=0.01, seed=0):
@@ -80,47 +70,23 @@ def variant_fn(name, alpha=0.25, gamma=2.0):
     return fn
 
 
-def copy_bandwidth(device, mib=512):
-    """Bytes read + written per second by a large device-to-device copy."""
-    import torch
-
-    n = mib * 2**20 // 4
-    a = torch.empty(n, device=device).fill_(1.0)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / best
-
-
-def _sync(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_one(name, n, r, k, dtype, device, warmup, iters):
     import torch
 
     fn = variant_fn(name)
     x, labels = make_inputs(n, r, k, dtype, device)
-    _sync(device)
+    bc.sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     times = []
     for i in range(warmup + iters):
         x.grad = None
-        _sync(device)
+        bc.sync(device)
         t0 = time.perf_counter()
         loss = fn(x, labels)
         loss.backward()
-        _sync(device)
+        bc.sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     out = {"s": statistics.median(times), "loss": float(loss.detach())}
@@ -154,9 +120,9 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.lower().split("x"))
-    r = num_anchors(h, w)
+    r, _ = bc.num_anchors(h, w)
     k = args.num_classes
-    bw = copy_bandwidth(args.device)
+    bw = bc.copy_bandwidth(args.device, nbytes=512 << 20)
     rows = []
     for dt_name in args.dtypes:
         dtype = getattr(torch, dt_name)
