@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from detection_asserts import assert_same_detections  # noqa: I001  (tests/ helper)
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import build_resnet_backbone
@@ -198,12 +199,7 @@ def test_fast_inference_equals_detectron2_retinanet(channels_last):
     with torch.no_grad():
         out_ref = ref(inputs)
         out_fast = fast(inputs)
-    for r, f in zip(out_ref, out_fast):
-        r, f = r["instances"], f["instances"]
-        assert len(r) == len(f) > 20
-        torch.testing.assert_close(f.scores, r.scores, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(f.pred_classes, r.pred_classes)
-        torch.testing.assert_close(f.pred_boxes.tensor, r.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+    assert_same_detections(out_fast, out_ref, more_than=20)
 
 
 def test_decode_many_candidates_above_threshold_is_exact():

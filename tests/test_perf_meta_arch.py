@@ -6,6 +6,7 @@ usable. Numerical equality only; speed is measured by benchmarks/model_bench.py.
 """
 import pytest
 import torch
+from detection_asserts import assert_same_detections  # noqa: I001  (tests/ helper)
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -91,12 +92,7 @@ def test_speed_switches_and_fast_inference_match_detectron2_detections():
     fast.eval()
     with torch.no_grad():
         ref, out = d2(images), fast(images)
-    for r, o in zip(ref, out):
-        r, o = r["instances"], o["instances"]
-        assert len(o) == len(r) > 0
-        torch.testing.assert_close(o.scores, r.scores, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(o.pred_classes, r.pred_classes)
-        torch.testing.assert_close(o.pred_boxes.tensor, r.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+    assert_same_detections(out, ref, more_than=0)
 
 
 def test_compile_head_falls_back_to_eager_with_a_warning(monkeypatch):
