@@ -8,7 +8,8 @@ detections out.
 
 ``--input`` takes image files, folders (their .png/.jpg/.jpeg/.tif/.tiff/.bmp files) and glob
 patterns. The config defaults to the ``config.yaml`` that training saved next to the checkpoint.
-Images are processed at the config's test size (the demo config: native resolution, any size).
+Images are processed at the config's test size (the demo config: longest side 256 px, the 0.64
+scale of its 400 px training tiles; override INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST for other sizes).
 Writes ``<output>/<image name>.png`` (detections with score >= --confidence-threshold drawn) and
 ``<output>/detections.json``.
 """

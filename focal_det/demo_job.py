@@ -131,10 +131,12 @@ def run_demo(
     sources=None,
     num_vis=16,
     vis_thresh=0.3,
+    resume=False,
 ):
     """
     The whole job (see the module docstring). ``datasets_root`` / ``sources`` select where the
-    dataset is built and from which source images (tests use a small subset).
+    dataset is built and from which source images (tests use a small subset). ``resume``
+    continues an interrupted run from ``<output_dir>/last_checkpoint`` (detectron2's --resume).
 
     Returns:
         the dict written to ``<output_dir>/demo_results.json``.
@@ -169,7 +171,12 @@ def run_demo(
             "FPN; the MobileNetV2 is ImageNet-pretrained, from MODEL.MOBILENET.WEIGHTS)"
         )
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=resume)
+    if not resume:
+        _say(
+            f"    checkpoints every {cfg.SOLVER.CHECKPOINT_PERIOD} iterations; if interrupted, "
+            f"continue with: make demo DEMO_ARGS='--resume'"
+        )
     t_train = time.perf_counter()
     _say(
         f"3/4 evaluation on {', '.join(cfg.DATASETS.TEST)} with the COCO evaluator follows training"
@@ -283,6 +290,11 @@ def main(argv=None):
     parser.add_argument(
         "--vis-thresh", type=float, default=0.3, help="score threshold of the pictures"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from OUTPUT_DIR/last_checkpoint",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     if len(args.opts) % 2:
@@ -294,6 +306,7 @@ def main(argv=None):
         datasets_root=args.datasets_root,
         num_vis=args.num_vis,
         vis_thresh=args.vis_thresh,
+        resume=args.resume,
     )
     return 0
 
