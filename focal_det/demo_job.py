@@ -33,7 +33,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from .data import build_deepforest_trees, register_deepforest_trees
 
-__all__ = ["run_demo", "draw_boxes", "side_by_side", "main", "tiny_cfg", "DEFAULT_CONFIG"]
+__all__ = ["run_demo", "draw_boxes", "side_by_side", "main", "DEFAULT_CONFIG"]
 
 logger = logging.getLogger("focal_det.demo")
 
@@ -243,36 +243,6 @@ def run_demo(
         f"--input 'path/to/*.png' --output {output_dir}/detections"
     )
     return summary
-
-
-def tiny_cfg():
-    """
-    A tiny from-scratch FocalRetinaNet config for tests (ResNet-18-ish with BN and 64-ch res2,
-    FPN 32 ch, 1 conv per subnet, 3 classes). Not used by the demo; kept for the tests that
-    import it from here.
-    """
-    from detectron2.config import get_cfg
-
-    from .config import add_focal_config
-
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    cfg.MODEL.RETINANET.NUM_CONVS = 1
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [
-        [x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [32, 64, 128, 256, 512]
-    ]
-    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
-    return cfg
 
 
 def main(argv=None):

@@ -6,9 +6,12 @@ DatasetCatalog. Registration is per process, so distributed workers call it agai
 import os
 
 import numpy as np
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
+
+from focal_det import add_focal_config
 
 CLASSES = ["red", "green", "blue"]
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
@@ -51,3 +54,28 @@ def register(name, root, num_images=6):
     records = write_images(root, num_images=num_images)
     DatasetCatalog.register(name, lambda: records)
     MetadataCatalog.get(name).set(thing_classes=list(CLASSES))
+
+
+def tiny_cfg():
+    """
+    A tiny from-scratch FocalRetinaNet config for tests (ResNet-18-ish with BN and 64-ch res2,
+    FPN 32 ch, 1 conv per subnet, 3 classes).
+    """
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.MODEL.RETINANET.NUM_CONVS = 1
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [
+        [x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [32, 64, 128, 256, 512]
+    ]
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+    return cfg

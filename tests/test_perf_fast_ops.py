@@ -171,7 +171,7 @@ def test_compile_forward_falls_back_when_first_call_fails(monkeypatch):
 
 
 def _tiny_retinanet_cfg():
-    from focal_det.demo_job import tiny_cfg
+    from synthetic_detection import tiny_cfg
 
     cfg = tiny_cfg()
     cfg.MODEL.META_ARCHITECTURE = "RetinaNet"

@@ -11,8 +11,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from synthetic_detection import tiny_cfg
 
-from focal_det.demo_job import tiny_cfg
 from focal_det.modeling import fast_ops
 
 SWITCHES = ["MODEL.FOCAL.CHANNELS_LAST", True, "MODEL.FOCAL.FOLD_FROZEN_BN", True]

@@ -6,6 +6,7 @@ import os
 
 import pytest
 from detectron2.config import get_cfg
+from synthetic_detection import tiny_cfg
 
 import focal_det  # noqa: F401  (registers everything)
 from focal_det import add_focal_config
@@ -15,7 +16,6 @@ from focal_det.config_check import (
     merge_config_file,
     merge_config_list,
 )
-from focal_det.demo_job import tiny_cfg
 
 
 def _cfg():

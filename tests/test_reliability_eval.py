@@ -121,7 +121,8 @@ def test_streaming_matches_with_custom_max_dets(fake_coco):
 
 
 def test_config_selects_streaming_evaluator(fake_coco, tmp_path):
-    from focal_det.demo_job import tiny_cfg
+    from synthetic_detection import tiny_cfg
+
     from focal_det.evaluation import build_coco_evaluator
 
     name, preds = fake_coco
