@@ -56,26 +56,31 @@ def register(name, root, num_images=6):
     MetadataCatalog.get(name).set(thing_classes=list(CLASSES))
 
 
-def tiny_cfg():
+def tiny_cfg(
+    meta_arch="FocalRetinaNet", fpn_channels=32, smallest_anchor=32, num_classes=3, pixel_std=None
+):
     """
-    A tiny from-scratch FocalRetinaNet config for tests (ResNet-18-ish with BN and 64-ch res2,
-    FPN 32 ch, 1 conv per subnet, 3 classes).
+    A tiny from-scratch config for tests: ResNet-18-ish with BN (random init with FrozenBN NaNs)
+    and 64-ch res2, FPN ``fpn_channels`` wide, 1 conv per subnet, 3 scales x 3 ratios of anchors
+    from ``smallest_anchor`` px on P3, ``num_classes`` classes.
     """
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
+    cfg.MODEL.META_ARCHITECTURE = meta_arch
     cfg.MODEL.DEVICE = "cpu"
+    if pixel_std is not None:
+        cfg.MODEL.PIXEL_STD = list(pixel_std)
     cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
     cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.MODEL.FPN.OUT_CHANNELS = fpn_channels
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.MODEL.RETINANET.NUM_CONVS = 1
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [
-        [x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [32, 64, 128, 256, 512]
+        [x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [smallest_anchor * 2**i for i in range(5)]
     ]
     cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
     return cfg

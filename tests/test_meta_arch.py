@@ -7,13 +7,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import RetinaNet, build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from synthetic_detection import tiny_cfg as _tiny_cfg
 
 import focal_det.modeling.meta_arch as meta_arch_module
-from focal_det import add_focal_config
 from focal_det.losses import ClassificationLossOutput, DenseClassificationLoss
 from focal_det.modeling import FocalRetinaNet
 from focal_det.modeling.matcher import RetinaNetMatcher
@@ -22,26 +21,14 @@ NUM_CLASSES = 3
 
 
 def tiny_cfg(meta_arch="FocalRetinaNet"):
-    """ResNet-18-ish (BN: random init with FrozenBN NaNs), FPN 16 channels, one head conv."""
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = meta_arch
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]  # unit-scale inputs for random weights
-    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 16
-    cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
-    cfg.MODEL.RETINANET.NUM_CONVS = 1
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [
-        [x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [16, 32, 64, 128, 256]
-    ]
-    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
-    return cfg
+    """FPN 16 channels, anchors from 16 px, unit-scale inputs for random weights."""
+    return _tiny_cfg(
+        meta_arch,
+        fpn_channels=16,
+        smallest_anchor=16,
+        num_classes=NUM_CLASSES,
+        pixel_std=[57.375, 57.120, 58.395],
+    )
 
 
 def build(cfg, seed=0):
