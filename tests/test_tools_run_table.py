@@ -204,3 +204,40 @@ def test_a_result_whose_config_changed_since_is_stale_and_rerun(tmp_path):
     assert st["state"] == "stale" and "SOLVER.BASE_LR" in st["reason"]
     assert rt.main(argv) == 0  # reruns it
     assert len((root / "demo" / "calls.txt").read_text().split()) == 2
+
+
+def test_a_row_with_the_config_of_another_tables_finished_run_reuses_it(tmp_path, capsys):
+    # At demo scale Table 1d's FL row and Table 1b's gamma-2 row are one experiment (their
+    # commands differ only in the folder name): the second table must not train it again.
+    fake = tmp_path / "fake_train_net.py"
+    fake.write_text(f"LOG = {LOG!r}\n" + FAKE_TRAIN_NET)
+    root = tmp_path / "out"
+    common = ["--scale", "demo", "--demo-config", QUICK, "--iters", "5", "--output-root",
+              str(root), "--train-net", str(fake)]  # fmt: skip
+    argv_1b = ["--table", "1b", "--rows", "gamma2.0", "--seeds", "0", "1"] + common
+    assert rt.main(argv_1b) == 0
+    rows = [r for r in rt.discover_rows("1b", REPO + "/configs") if "gamma2.0" in r.stem]
+    for run in rt.plan_runs(rt.build_parser().parse_args(argv_1b), rows):
+        # what detectron2 saves: the merged config of the run's command
+        with open(os.path.join(run.output_dir, "config.yaml"), "w") as f:
+            f.write(rt.load_cfg(QUICK, run.argv[2:]).dump())
+    calls = (root / "demo" / "calls.txt").read_text().split()
+    assert len(calls) == 2
+
+    argv_1d = ["--table", "1d", "--rows", "fl_", "--seeds", "0", "1", "2"] + common
+    assert rt.main(argv_1d + ["--markdown", str(tmp_path / "t.md")]) == 0
+    calls = (root / "demo" / "calls.txt").read_text().split()
+    # seeds 0 and 1 reused from 1b; seed 2 has no equivalent run and is trained
+    assert len(calls) == 3 and calls[-1].endswith("seed2") and "_R_101_" in calls[-1]
+    assert "reusing its result" in capsys.readouterr().out
+    data = json.loads((root / "demo" / "table1d.json").read_text())
+    runs = data["rows"][-1]["runs"]
+    assert [os.path.dirname(r["output_dir"]) for r in runs[:2]] == [
+        os.path.dirname(c) for c in calls[:2]
+    ]
+    assert all("_R_101_" in r["reused_from"] for r in runs[:2]) and "reused_from" not in runs[2]
+    assert "reused; not trained again" in (tmp_path / "t.md").read_text()
+
+    # A changed config is not the same experiment: nothing is reused, the rows are trained.
+    assert rt.main(argv_1d + ["--seeds", "0", "--", "SOLVER.BASE_LR", "0.02"]) == 0
+    assert len((root / "demo" / "calls.txt").read_text().split()) == 4

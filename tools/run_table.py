@@ -25,7 +25,10 @@ Each run writes to ``<output-root>/<scale>/<config-stem>__<hash>/seed<S>/`` (the
 full command, so a changed schedule or option never reuses an old result). A run is finished when
 its ``log.txt`` holds the COCO "copypaste" results printed after ``model_final.pth`` was saved;
 finished rows are not rerun (resumable). A run that fails (e.g. diverges: non-finite loss) is
-recorded in ``run_status.json`` and shown as failed; ``--retry-failed`` runs it again.
+recorded in ``run_status.json`` and shown as failed; ``--retry-failed`` runs it again. A row whose
+merged config equals a finished run of another row (same scale, same seed) reuses that run: at
+demo scale, Table 1d's FL row is Table 1b's gamma-2 row and Table 1e's 600 px row is the demo
+config itself.
 
 Writes ``<output-root>/<scale>/table<T>.md`` (and ``--markdown PATH``) and ``table<T>.json``.
 """
@@ -82,6 +85,7 @@ class Run:
     skipped: Optional[str] = None  # reason the row has no run at this scale
     status: Dict = field(default_factory=dict)
     expected_cfg: Optional[Dict] = None  # flattened merged config the command gives now
+    reused_from: Optional[str] = None  # set when another row's finished run is this run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,14 +342,68 @@ def config_drift(run: Run) -> List[str]:
     path = os.path.join(run.output_dir, "config.yaml")
     if run.expected_cfg is None or not os.path.isfile(path):
         return []
+    return _differing_keys(_saved_cfg(path), run.expected_cfg)
+
+
+def _saved_cfg(path: str, with_seed: bool = False):
+    """
+    The flattened config a run saved (detectron2 writes ``config.yaml`` in its folder); with
+    ``with_seed``, ``(config, its SEED)``.
+    """
     import yaml
     from detectron2.config import CfgNode
 
     with open(path) as f:
-        saved = _flat_cfg(CfgNode(yaml.safe_load(f)))
-    return sorted(
-        k for k in saved.keys() & run.expected_cfg.keys() if saved[k] != run.expected_cfg[k]
-    )
+        raw = yaml.safe_load(f)
+    flat = _flat_cfg(CfgNode(raw))
+    return (flat, raw.get("SEED")) if with_seed else flat
+
+
+def _differing_keys(saved: Dict, expected: Dict) -> List[str]:
+    return sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
+
+
+def reuse_equivalent_runs(runs: List[Run], scale_root: str) -> None:
+    """
+    Points every run that has no result of its own at a finished run of the same seed whose
+    saved config equals the one it would train, when there is one under ``scale_root`` (the
+    folders of all tables of a scale share it). At demo scale several rows are one experiment:
+    Table 1d's FL row is Table 1b's gamma-2 row, and Table 1e's 600 px row is the demo config
+    itself; their commands differ, so their folders do, but training it again would only repeat
+    a result. Compared as ``config_drift`` does (``OUTPUT_DIR`` and ``MODEL.DEVICE`` aside); the
+    seed must match too. Sets ``run.output_dir`` and ``run.reused_from``.
+    """
+    if not os.path.isdir(scale_root):
+        return
+    candidates = None  # [(folder, seed, flat config)], read once, only if a run needs it
+    for r in runs:
+        if r.skipped or r.expected_cfg is None or run_state(r)["state"] not in ("pending", "stale"):
+            continue
+        if candidates is None:
+            candidates = []
+            for name in sorted(os.listdir(scale_root)):
+                folder = os.path.join(scale_root, name)
+                if not os.path.isdir(folder):
+                    continue
+                for sub in sorted(os.listdir(folder)):
+                    cfg_path = os.path.join(folder, sub, "config.yaml")
+                    log = os.path.join(folder, sub, "log.txt")
+                    if not sub.startswith("seed") or not os.path.isfile(cfg_path):
+                        continue
+                    if parse_final_metrics(log) is None:
+                        continue
+                    saved, seed = _saved_cfg(cfg_path, with_seed=True)
+                    candidates.append((os.path.join(folder, sub), seed, saved))
+        for folder, seed, saved in candidates:
+            if (
+                seed == r.seed
+                and folder != r.output_dir
+                and saved.keys() & r.expected_cfg.keys()
+                and not _differing_keys(saved, r.expected_cfg)
+            ):
+                r.reused_from = r.output_dir
+                r.output_dir = folder
+                break
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +523,8 @@ def summarize(table: str, runs: List[Run]) -> List[Dict]:
         for r in rs:
             s = r.status or run_state(r)
             seeds.append({"seed": r.seed, "output_dir": r.output_dir, **s})
+            if r.reused_from:
+                seeds[-1]["reused_from"] = r.reused_from
         done = [s for s in seeds if s["state"] == "done"]
         for s in done:
             # detectron2's COCO evaluator reports NaN when the model output no detection above
@@ -527,6 +587,12 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
         )
     for s in summary:
         for r in s["runs"]:
+            if r.get("reused_from") and r["state"] == "done":
+                notes.append(
+                    f"- {os.path.basename(s['config'])} seed {r['seed']}: the same config as"
+                    f" `{_display_path(os.path.dirname(r['output_dir']))}` (another row's run,"
+                    " reused; not trained again)"
+                )
             if r["state"] in ("failed", "skipped", "stale"):
                 what = r.get("reason", "")
                 notes.append(
@@ -641,10 +707,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"--rows {args.rows} selects none of the Table {args.table} configs"
                 )
         runs = plan_runs(args, rows)
+        reuse_equivalent_runs(runs, os.path.join(args.output_root, args.scale))
     except TableError as e:
         print(f"run_table: {e}", file=sys.stderr)
         return 2
 
+    for r in runs:
+        if r.reused_from:
+            print(
+                f"[run_table] {r.row.stem} seed {r.seed}: same config as the finished run"
+                f" {r.output_dir}; reusing its result"
+            )
     if args.print_commands:
         for r in runs:
             if r.skipped:
