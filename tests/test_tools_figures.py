@@ -197,7 +197,7 @@ def test_speed_accuracy_plot_from_a_tiny_results_file(tmp_path):
         "600,ours CPU,run:run,1500,train_net.py --eval-only\n"
     )
     out = tmp_path / "fig"
-    assert psa.main(["--results", str(res), "--output-dir", str(out)]) == 0
+    assert psa.main(["--results", str(res), "--output-dir", str(out), "--layout", "one"]) == 0
     with open(out / "fig2_speed_accuracy.csv") as f:
         rows = list(csv.DictReader(f))
     ours = [r for r in rows if r["origin"] == "ours"]
@@ -210,7 +210,13 @@ def test_speed_accuracy_plot_from_a_tiny_results_file(tmp_path):
     }
     meta = json.loads((out / "fig2_speed_accuracy.json").read_text())
     assert meta["log_time_axis"] is True  # 900-1500 ms on a CPU vs 64-198 ms on the M40
+    assert meta["layout"] == "one axis"
     assert os.path.getsize(out / "fig2_speed_accuracy.png") > 0
+    # AP 10.5-12.3 against the paper's 28.7-37.8: auto puts them side by side, own time axes
+    assert psa.main(["--results", str(res), "--output-dir", str(out)]) == 0
+    meta = json.loads((out / "fig2_speed_accuracy.json").read_text())
+    assert meta["layout"] == "two panels" and meta["log_time_axis"] is False
+    assert psa.separate_panels([{"ap": 20.0}], [{"ap": 30.0}]) is False
 
     res_json = tmp_path / "ours.json"
     res_json.write_text(json.dumps({"points": [{"label": "a", "ap": 1, "time_ms": 0}]}))

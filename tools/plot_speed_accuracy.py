@@ -16,7 +16,9 @@ Instead of a number, ``ap`` may be given as ``run:<output_dir>``: the AP is then
 training/evaluation folder's log.txt (the evaluation after model_final, as tools/run_table.py).
 
 Times measured on different machines are not comparable: the paper's are on an Nvidia M40 GPU.
-When the two ranges differ by more than 5x the time axis is logarithmic.
+When the two ranges differ by more than 5x the time axis is logarithmic. When our APs and the
+paper's are far apart (e.g. the CPU demo's AP 5 against COCO's 30+), ``--layout auto`` draws the
+two side by side, each on its own axes, instead of squashing one of them flat.
 
     python tools/plot_speed_accuracy.py --results ours.csv --output-dir docs/figures
 
@@ -100,43 +102,89 @@ def paper_points() -> List[Dict]:
     ]
 
 
-def plot(ours: List[Dict], paper: List[Dict], output_dir: str, title: Optional[str], dpi=120):
+def separate_panels(ours: List[Dict], paper: List[Dict]) -> bool:
+    """
+    True when our APs and the paper's are too far apart to share an axis usefully (one range's
+    top below half of the other's bottom, e.g. a CPU demo model at AP 5 against COCO at 28-38):
+    the two are then drawn side by side, each on its own axes, to compare the *shape* of the
+    trade-off rather than squash one of them into a line.
+    """
+    if not ours or not paper:
+        return False
+    o = [p["ap"] for p in ours]
+    q = [p["ap"] for p in paper]
+    return max(o) < 0.5 * min(q) or max(q) < 0.5 * min(o)
+
+
+def _draw(ax, points: List[Dict], paper_style: bool):
+    greys = ["0.35", "0.6"]
+    for k, series in enumerate(dict.fromkeys(p["series"] for p in points)):
+        pts = sorted((p for p in points if p["series"] == series), key=lambda p: p["time_ms"])
+        xs, ys = [p["time_ms"] for p in pts], [p["ap"] for p in pts]
+        if paper_style:
+            ax.plot(xs, ys, "o--", color=greys[k % 2], label=series, markersize=4)
+        else:
+            ax.plot(xs, ys, "s-", label=series)
+        for p in pts:
+            ax.annotate(p["label"], (p["time_ms"], p["ap"]), fontsize=6 if paper_style else 7,
+                        color=greys[k % 2] if paper_style else None,
+                        xytext=(3, -8) if paper_style else (3, 3),
+                        textcoords="offset points")  # fmt: skip
+
+
+def _time_axis(ax, points: List[Dict], ref: List[Dict]) -> bool:
+    """Limits and label of the time axis; logarithmic when the points' range is > 5x ref's."""
+    times = [p["time_ms"] for p in points]
+    ref_t = [p["time_ms"] for p in ref] or times
+    log_x = max(times) / min(times) > 5 * (max(ref_t) / min(ref_t))
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlim(min(times) * 0.8, max(times) * 1.25)
+    ax.set_xlabel("inference time per image (ms)" + (", log scale" if log_x else ""))
+    ax.grid(alpha=0.3)
+    return log_x
+
+
+def plot(
+    ours: List[Dict],
+    paper: List[Dict],
+    output_dir: str,
+    title: Optional[str],
+    dpi=120,
+    layout: str = "auto",
+):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(output_dir, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    greys = ["0.35", "0.6"]
-    for k, series in enumerate(dict.fromkeys(p["series"] for p in paper)):
-        pts = sorted((p for p in paper if p["series"] == series), key=lambda p: p["time_ms"])
-        ax.plot([p["time_ms"] for p in pts], [p["ap"] for p in pts], "o--", color=greys[k % 2],
-                label=series, markersize=4)  # fmt: skip
-        for p in pts:
-            ax.annotate(p["label"], (p["time_ms"], p["ap"]), fontsize=6, color=greys[k % 2],
-                        xytext=(3, -8), textcoords="offset points")  # fmt: skip
-    for series in dict.fromkeys(p["series"] for p in ours):
-        pts = sorted((p for p in ours if p["series"] == series), key=lambda p: p["time_ms"])
-        ax.plot([p["time_ms"] for p in pts], [p["ap"] for p in pts], "s-", label=series)
-        for p in pts:
-            ax.annotate(p["label"], (p["time_ms"], p["ap"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    times = [p["time_ms"] for p in ours + paper]
-    ours_t = [p["time_ms"] for p in ours]
-    paper_t = [p["time_ms"] for p in paper]
-    # Logarithmic when the combined range is > 5x the paper's own spread (different machines).
-    ref = paper_t or ours_t
-    log_x = max(times) / min(times) > 5 * (max(ref) / min(ref))
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlim(min(times) * 0.8, max(times) * 1.25)
-    ax.set_xlabel("inference time per image (ms)" + (", log scale" if log_x else ""))
-    ax.set_ylabel("COCO AP")
-    ax.set_title(title or "Fig. 2: speed vs accuracy (paper: Table 1e; times across machines "
-                 "are not comparable)", fontsize=9)  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    two = layout == "two" or (layout == "auto" and separate_panels(ours, paper))
+    if two and ours and paper:
+        fig, (ax_p, ax_o) = plt.subplots(1, 2, figsize=(11, 4.8))
+        _draw(ax_p, paper, paper_style=True)
+        _draw(ax_o, ours, paper_style=False)
+        _time_axis(ax_p, paper, paper)
+        log_x = _time_axis(ax_o, ours, ours)
+        ax_p.set_ylabel("COCO AP (paper: COCO test-dev)")
+        ax_o.set_ylabel("COCO AP (ours: on our test set)")
+        ax_p.set_title("paper, Table 1e (Nvidia M40)", fontsize=9)
+        ax_o.set_title("ours (measured here)", fontsize=9)
+        for ax in (ax_p, ax_o):
+            ax.legend(fontsize=7, loc="lower right")
+        fig.suptitle(title or "Fig. 2: speed vs accuracy, side by side (different datasets and "
+                     "machines: compare the shape, not the values)", fontsize=9)  # fmt: skip
+    else:
+        two = False
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        _draw(ax, paper, paper_style=True)
+        _draw(ax, ours, paper_style=False)
+        # Logarithmic when the combined range is > 5x the paper's own spread (different machines).
+        log_x = _time_axis(ax, ours + paper, paper or ours)
+        ax.set_ylabel("COCO AP")
+        ax.set_title(title or "Fig. 2: speed vs accuracy (paper: Table 1e; times across machines "
+                     "are not comparable)", fontsize=9)  # fmt: skip
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     png = os.path.join(output_dir, "fig2_speed_accuracy.png")
     fig.savefig(png, dpi=dpi)
@@ -151,7 +199,10 @@ def plot(ours: List[Dict], paper: List[Dict], output_dir: str, title: Optional[s
                 w.writerow([origin, p["series"], p["label"], p["ap"], p["time_ms"], p["source"]])
     json_path = os.path.join(output_dir, "fig2_speed_accuracy.json")
     with open(json_path, "w") as f:
-        json.dump({"ours": ours, "paper": paper, "log_time_axis": log_x}, f, indent=2)
+        json.dump(
+            {"ours": ours, "paper": paper, "log_time_axis": log_x,
+             "layout": "two panels" if two else "one axis"}, f, indent=2,
+        )  # fmt: skip
     return [png, csv_path, json_path]
 
 
@@ -163,6 +214,9 @@ def build_parser():
     p.add_argument("--output-dir", default="docs/figures")
     p.add_argument("--no-paper", action="store_true", help="do not draw the paper's Table 1e")
     p.add_argument("--title", default=None)
+    p.add_argument("--layout", default="auto", choices=["auto", "one", "two"],
+                   help="one axis, or ours and the paper's side by side (auto: two panels when "
+                   "the AP ranges are far apart)")  # fmt: skip
     p.add_argument("--dpi", type=int, default=120)
     return p
 
@@ -171,7 +225,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ours = load_results(args.results)
     paper = [] if args.no_paper else paper_points()
-    for path in plot(ours, paper, args.output_dir, args.title, dpi=args.dpi):
+    for path in plot(ours, paper, args.output_dir, args.title, dpi=args.dpi, layout=args.layout):
         print("wrote", path)
     return 0
 
