@@ -37,20 +37,24 @@ logger = logging.getLogger("focal_det.speed_accuracy")
 
 
 def runs_from_table(path):
-    """[(label, run folder)] of the finished runs of a ``tools/run_table.py`` JSON."""
+    """
+    [(label, run folder)] of a ``tools/run_table.py`` JSON: per row, its finished run of the
+    lowest seed; labelled by the setting columns that vary between those rows (1e: the scale).
+    """
     if not os.path.isfile(path):
         raise SystemExit(f"--from-table {path} does not exist (write it with tools/run_table.py)")
     with open(path) as f:
         table = json.load(f)
-    out = []
+    picked = []
     for row in table.get("rows", []):
-        setting = ", ".join(f"{k} {v}" for k, v in row["setting"].items())
-        for run in row["runs"]:
-            if run.get("state") == "done":
-                out.append((f"{setting}, seed {run['seed']}", run["output_dir"]))
-    if not out:
+        done = sorted((r for r in row["runs"] if r.get("state") == "done"), key=lambda r: r["seed"])
+        if done:
+            picked.append((row["setting"], done[0]["output_dir"]))
+    if not picked:
         raise SystemExit(f"{path} lists no finished run")
-    return out
+    varying = [k for k in picked[0][0] if len({str(s.get(k)) for s, _ in picked}) > 1]
+    keys = varying or list(picked[0][0])
+    return [(", ".join(f"{k} {s.get(k)}" for k in keys), folder) for s, folder in picked]
 
 
 def load_run(folder, device):

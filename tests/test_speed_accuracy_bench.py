@@ -72,13 +72,18 @@ def test_points_carry_each_runs_ap_test_size_and_weights(tmp_path, monkeypatch):
     fig = json.loads((out / "fig" / "fig2_speed_accuracy.json").read_text())
     assert [p["ap"] for p in fig["ours"]] == [3.5, 7.25] and len(fig["paper"]) == 10
 
-    # --from-table: the finished runs of a tools/run_table.py JSON
+    # --from-table: per row the finished run of the lowest seed, labelled by what varies
     table = tmp_path / "t.json"
     table.write_text(json.dumps({"rows": [
-        {"setting": {"scale": 400}, "runs": [{"seed": 0, "state": "done", "output_dir": small},
-                                             {"seed": 1, "state": "failed", "output_dir": "x"}]},
+        {"setting": {"depth": 50, "scale": 400},
+         "runs": [{"seed": 1, "state": "done", "output_dir": large},
+                  {"seed": 0, "state": "done", "output_dir": small}]},
+        {"setting": {"depth": 50, "scale": 600},
+         "runs": [{"seed": 0, "state": "failed", "output_dir": "x"}]},
+        {"setting": {"depth": 50, "scale": 800},
+         "runs": [{"seed": 0, "state": "done", "output_dir": large}]},
     ]}))  # fmt: skip
-    assert sa.runs_from_table(str(table)) == [("scale 400, seed 0", small)]
+    assert sa.runs_from_table(str(table)) == [("scale 400", small), ("scale 800", large)]
 
 
 def test_a_folder_that_is_not_a_finished_run_is_a_clear_error(tmp_path):
