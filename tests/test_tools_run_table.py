@@ -143,6 +143,13 @@ def test_run_table_runs_resumes_and_records_failures(tmp_path, capsys):
     data = json.loads((root / "demo" / "table1a.json").read_text())
     assert data["rows"][0]["runs"][0]["state"] == "failed"
     assert data["rows"][3]["runs"][1]["metrics"]["AP"] == 76.0
+    # The picture: what it draws is the table's numbers (failed row empty, no detection = 0).
+    assert (root / "demo" / "table1a.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "t.png").is_file()
+    drawn = rt.plot_table("1a", "demo", data["rows"], str(tmp_path / "p.png"))
+    assert drawn["ours_mean"][3] == 75.5 and drawn["ours_seeds"][3] == [75.0, 76.0]
+    assert drawn["ours_mean"][0] is None and drawn["ours_seeds"][1] == [0.0, 0.0]
+    assert drawn["paper"][3] == 31.1 and drawn["labels"][3] == "alpha 0.75"
 
     # Resumable: nothing finished is rerun; --retry-failed reruns only the failed row's 2 runs.
     assert rt.main(argv) == 0

@@ -30,7 +30,8 @@ merged config equals a finished run of another row (same scale, same seed) reuse
 demo scale, Table 1d's FL row is Table 1b's gamma-2 row and Table 1e's 600 px row is the demo
 config itself.
 
-Writes ``<output-root>/<scale>/table<T>.md`` (and ``--markdown PATH``) and ``table<T>.json``.
+Writes ``<output-root>/<scale>/table<T>.md`` (and ``--markdown PATH``), ``table<T>.json`` and
+``table<T>.png`` (the paper's AP and ours per row, side by side; next to ``--markdown`` too).
 """
 
 import argparse
@@ -40,6 +41,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -603,6 +605,50 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
     return "\n".join(lines) + "\n"
 
 
+def plot_table(table: str, scale: str, summary: List[Dict], path: str) -> Dict:
+    """
+    The table as a picture: per row (x, labelled by its setting), the paper's AP and ours side
+    by side in two panels (each on its own AP axis: demo-scale APs are far below COCO's), our
+    seeds as dots and their mean as a bar. Rows without a result of ours are left empty.
+    Returns what was drawn: {"labels", "paper", "ours_mean", "ours_seeds"}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from focal_det.paper_tables import get_paper_table
+
+    paper_table = get_paper_table(table)
+    cols = list(paper_table.setting)
+    labels = ["\n".join(f"{c} {_cell(s['setting'][c])}" for c in cols) for s in summary]
+    paper = [s["paper"]["AP"] for s in summary]
+    ours = [s["ours_mean"]["AP"] for s in summary]
+    seeds = [[_ap_value(r, "AP") for r in s["runs"] if r["state"] == "done"] for s in summary]
+    xs = list(range(len(summary)))
+    fig, (ax_p, ax_o) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(xs) * 2), 4))
+    ax_p.bar(xs, paper, color="0.6")
+    ax_p.set_title(f"paper, Table {table}: {paper_table.caption}", fontsize=8)
+    ok = [x for x in xs if ours[x] is not None]
+    ax_o.bar(ok, [ours[x] for x in ok], color="tab:blue", alpha=0.6, label="mean over seeds")
+    for x in ok:
+        ax_o.plot([x] * len(seeds[x]), seeds[x], "k.", markersize=5)
+    for x in xs:
+        if ours[x] is None:
+            ax_o.text(x, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax_o.set_title(f"ours at scale {scale} (AP on its test set; dots: seeds)", fontsize=9)
+    for ax in (ax_p, ax_o):
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_ylabel("AP")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"labels": labels, "paper": paper, "ours_mean": ours, "ours_seeds": seeds}
+
+
 def write_table(args, runs: List[Run]) -> Tuple[str, str]:
     summary = summarize(args.table, runs)
     scale_root = os.path.join(args.output_root, args.scale)
@@ -616,6 +662,10 @@ def write_table(args, runs: List[Run]) -> Tuple[str, str]:
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
         with open(p, "w") as f:
             f.write(md)
+    png_path = os.path.join(scale_root, f"table{args.table}.png")
+    plot_table(args.table, args.scale, summary, png_path)
+    if args.markdown:
+        shutil.copyfile(png_path, os.path.splitext(args.markdown)[0] + ".png")
     json_path = os.path.join(scale_root, f"table{args.table}.json")
     with open(json_path, "w") as f:
         json.dump(
