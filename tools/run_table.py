@@ -476,8 +476,26 @@ def _failure_reason(output_dir: str, stdout_path: str) -> str:
     return "exited with an error (see stdout.txt)"
 
 
+def code_version() -> Dict:
+    """
+    The commit of the code a run trains with, and whether the code it imports (``focal_det/``,
+    ``train_net.py``, ``configs/``, ``tools/``) has uncommitted changes: a config alone does not
+    pin a result, so every run records this and the table says which code its rows ran on.
+    """
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=10", "HEAD")
+    if commit is None:
+        return {"commit": None}
+    dirty = git("status", "--porcelain", "--", "focal_det", "train_net.py", "configs", "tools")
+    return {"commit": commit, "code_dirty": bool(dirty)}
+
+
 def execute(run: Run, python: str, threads: int, train_net: str) -> Dict:
     """Run one training (blocking); returns its state and writes run_status.json."""
+    version = code_version()
     os.makedirs(run.output_dir, exist_ok=True)
     cmd = [python, train_net] + run.argv
     env = dict(os.environ)
@@ -488,7 +506,9 @@ def execute(run: Run, python: str, threads: int, train_net: str) -> Dict:
     with open(stdout_path, "w") as out:
         rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     wall = time.time() - start
-    status = {"returncode": rc, "wall_time_s": round(wall, 1), "command": shlex.join(cmd)}
+    status = {"returncode": rc, "wall_time_s": round(wall, 1), "command": shlex.join(cmd),
+              "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
+              **version}  # fmt: skip
     metrics = parse_final_metrics(os.path.join(run.output_dir, "log.txt"))
     if rc == 0 and metrics is not None:
         status.update(state="done", metrics=metrics)
@@ -600,6 +620,22 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
                 notes.append(
                     f"- {os.path.basename(s['config'])} seed {r['seed']}: {r['state']}: {what}"
                 )
+    versions = {}
+    for s in summary:
+        for r in s["runs"]:
+            if r["state"] == "done":
+                v = r.get("commit") or "unrecorded"
+                v += " (uncommitted changes)" if r.get("code_dirty") else ""
+                versions[v] = versions.get(v, 0) + 1
+    if len(versions) > 1 or any("unrecorded" in v or "uncommitted" in v for v in versions):
+        notes.append(
+            "- code of the finished runs: "
+            + ", ".join(f"{v}: {n} run(s)" for v, n in sorted(versions.items()))
+            + (" -- not one version: rows may differ by code, not only by setting"
+               if len(versions) > 1 else "")
+        )  # fmt: skip
+    elif versions:
+        notes.append(f"- every finished run used the code of commit {next(iter(versions))}")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
