@@ -146,9 +146,9 @@ def test_run_table_runs_resumes_and_records_failures(tmp_path, capsys):
     # Each run records the code it trained with; the table names it.
     version = rt.code_version()
     assert version["commit"] and data["rows"][3]["runs"][0]["commit"] == version["commit"]
-    assert version["commit"] in md
+    assert version["code_id"] in md
     mixed = json.loads(json.dumps(data["rows"]))
-    mixed[3]["runs"][1]["commit"] = "0123456789"
+    mixed[3]["runs"][1]["code_id"] = "0123456789"
     assert "not one version" in rt.markdown("1a", "demo", mixed)
     # The picture: what it draws is the table's numbers (failed row empty, no detection = 0).
     assert (root / "demo" / "table1a.png").read_bytes()[:4] == b"\x89PNG"

@@ -476,11 +476,15 @@ def _failure_reason(output_dir: str, stdout_path: str) -> str:
     return "exited with an error (see stdout.txt)"
 
 
+TRAINING_CODE = ("focal_det", "configs", "train_net.py")  # what a training run imports / reads
+
+
 def code_version() -> Dict:
     """
-    The commit of the code a run trains with, and whether the code it imports (``focal_det/``,
-    ``train_net.py``, ``configs/``, ``tools/``) has uncommitted changes: a config alone does not
-    pin a result, so every run records this and the table says which code its rows ran on.
+    The code a run trains with: the commit, ``code_id`` (a hash of the git objects of
+    ``TRAINING_CODE``, so it changes only when that code does, not with every commit) and whether
+    that code has uncommitted changes. A config alone does not pin a result: every run records
+    this and the table says on which code its rows ran.
     """
     def git(*a):
         r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
@@ -489,8 +493,12 @@ def code_version() -> Dict:
     commit = git("rev-parse", "--short=10", "HEAD")
     if commit is None:
         return {"commit": None}
-    dirty = git("status", "--porcelain", "--", "focal_det", "train_net.py", "configs", "tools")
-    return {"commit": commit, "code_dirty": bool(dirty)}
+    objects = [git("rev-parse", f"HEAD:{p}") or "" for p in TRAINING_CODE]
+    return {
+        "commit": commit,
+        "code_id": hashlib.sha1(" ".join(objects).encode()).hexdigest()[:10],
+        "code_dirty": bool(git("status", "--porcelain", "--", *TRAINING_CODE)),
+    }
 
 
 def execute(run: Run, python: str, threads: int, train_net: str) -> Dict:
@@ -624,7 +632,7 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
     for s in summary:
         for r in s["runs"]:
             if r["state"] == "done":
-                v = r.get("commit") or "unrecorded"
+                v = f"code {r['code_id']}" if r.get("code_id") else "unrecorded"
                 v += " (uncommitted changes)" if r.get("code_dirty") else ""
                 versions[v] = versions.get(v, 0) + 1
     if len(versions) > 1 or any("unrecorded" in v or "uncommitted" in v for v in versions):
@@ -635,7 +643,10 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
                if len(versions) > 1 else "")
         )  # fmt: skip
     elif versions:
-        notes.append(f"- every finished run used the code of commit {next(iter(versions))}")
+        notes.append(
+            f"- every finished run used the same training code ({next(iter(versions))}:"
+            f" git objects of {', '.join(TRAINING_CODE)})"
+        )
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
