@@ -255,3 +255,30 @@ def test_a_row_with_the_config_of_another_tables_finished_run_reuses_it(tmp_path
     # A changed config is not the same experiment: nothing is reused, the rows are trained.
     assert rt.main(argv_1d + ["--seeds", "0", "--", "SOLVER.BASE_LR", "0.02"]) == 0
     assert len((root / "demo" / "calls.txt").read_text().split()) == 4
+
+
+def test_training_curves_read_detectron2_metrics_json(tmp_path):
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    for d in (ok, bad):
+        d.mkdir()
+    (ok / "metrics.json").write_text(
+        "\n".join(json.dumps({"iteration": i, "loss_cls": 3.0 / (i + 1)}) for i in (19, 39, 59))
+        + '\n{"iteration": 79, "bbox/AP": 5.0}\n{"iteration": 99, "loss_c'  # eval line; cut line
+    )
+    (bad / "metrics.json").write_text(
+        json.dumps({"iteration": 19, "loss_cls": 1.0}) + "\n"
+        + json.dumps({"iteration": 39, "loss_cls": float("nan")}) + "\n"
+    )  # fmt: skip
+    assert rt.read_curve(str(ok)) == ([19, 39, 59], [0.15, 0.075, 0.05])
+    assert rt.read_curve(str(tmp_path / "none")) == ([], [])
+    summary = [
+        {"setting": {"alpha": 0.75}, "runs": [
+            {"seed": 0, "state": "done", "output_dir": str(ok)},
+            {"seed": 1, "state": "pending", "output_dir": str(ok)}]},
+        {"setting": {"alpha": 0.1}, "runs": [
+            {"seed": 0, "state": "failed", "output_dir": str(bad)}]},
+    ]  # fmt: skip
+    drawn = rt.plot_curves("1a", summary, str(tmp_path / "c.png"))
+    # the pending run is not drawn; the failed one up to its last finite value
+    assert drawn == {"alpha 0.75, seed 0": 3, "alpha 0.1, seed 0": 1}
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,7 +31,8 @@ demo scale, Table 1d's FL row is Table 1b's gamma-2 row and Table 1e's 600 px ro
 config itself.
 
 Writes ``<output-root>/<scale>/table<T>.md`` (and ``--markdown PATH``), ``table<T>.json`` and
-``table<T>.png`` (the paper's AP and ours per row, side by side; next to ``--markdown`` too).
+``table<T>.png`` (the paper's AP and ours per row, side by side) and ``table<T>_curves.png``
+(each run's training loss vs iteration); the PNGs are copied next to ``--markdown`` too.
 """
 
 import argparse
@@ -696,6 +697,72 @@ def plot_table(table: str, scale: str, summary: List[Dict], path: str) -> Dict:
     return {"labels": labels, "paper": paper, "ours_mean": ours, "ours_seeds": seeds}
 
 
+def read_curve(output_dir: str, key: str = "loss_cls") -> Tuple[List[int], List[float]]:
+    """(iterations, values) of ``key`` in a run's detectron2 ``metrics.json`` (empty if none)."""
+    path = os.path.join(output_dir, "metrics.json")
+    its, vals = [], []
+    if not os.path.isfile(path):
+        return its, vals
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interrupted run
+                continue
+            if key in rec and "iteration" in rec:
+                its.append(int(rec["iteration"]))
+                vals.append(float(rec[key]))
+    return its, vals
+
+
+def plot_curves(table: str, summary: List[Dict], path: str) -> Dict[str, int]:
+    """
+    The training loss (``loss_cls``, as logged: normalised by the foreground count) of every run
+    of the table against the iteration, one line per run, a cross where a run failed; shows
+    *when* each setting starts to learn, which the final AP alone does not. Returns the number
+    of points drawn per run label.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from focal_det.paper_tables import get_paper_table
+
+    cols = list(get_paper_table(table).setting)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = {}
+    cmap = plt.get_cmap("tab10")
+    for k, s in enumerate(summary):
+        name = ", ".join(f"{c} {_cell(s['setting'][c])}" for c in cols)
+        for r in s["runs"]:
+            if r["state"] not in ("done", "failed", "stale"):
+                continue
+            its, vals = read_curve(r["output_dir"])
+            if not its:
+                continue
+            label = f"{name}, seed {r['seed']}"
+            style = "-" if r["seed"] == min(x["seed"] for x in s["runs"]) else "--"
+            finite = [(i, v) for i, v in zip(its, vals) if math.isfinite(v)]
+            ax.plot([i for i, _ in finite], [v for _, v in finite], style, color=cmap(k % 10),
+                    label=label + (" (failed)" if r["state"] == "failed" else ""), linewidth=1)
+            if r["state"] == "failed" and finite:
+                ax.plot(*finite[-1], "x", color=cmap(k % 10), markersize=9)
+            drawn[label] = len(finite)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss_cls (normalised by # foreground anchors), log scale")
+    ax.set_title(f"Table {table}: classification loss during training (not comparable across "
+                 "losses, only its shape)", fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def write_table(args, runs: List[Run]) -> Tuple[str, str]:
     summary = summarize(args.table, runs)
     scale_root = os.path.join(args.output_root, args.scale)
@@ -711,8 +778,12 @@ def write_table(args, runs: List[Run]) -> Tuple[str, str]:
             f.write(md)
     png_path = os.path.join(scale_root, f"table{args.table}.png")
     plot_table(args.table, args.scale, summary, png_path)
+    curves_path = os.path.join(scale_root, f"table{args.table}_curves.png")
+    plot_curves(args.table, summary, curves_path)
     if args.markdown:
-        shutil.copyfile(png_path, os.path.splitext(args.markdown)[0] + ".png")
+        stem = os.path.splitext(args.markdown)[0]
+        shutil.copyfile(png_path, stem + ".png")
+        shutil.copyfile(curves_path, stem + "_curves.png")
     json_path = os.path.join(scale_root, f"table{args.table}.json")
     with open(json_path, "w") as f:
         json.dump(
