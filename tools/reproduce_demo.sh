@@ -11,7 +11,7 @@
 # Rows run in the order of docs/reproduction.md's session (the script can be stopped at any
 # point): CE/FL, the alpha and gamma sweeps, second and third seeds where rows disagreed, FL*,
 # OHEM, input scales. On 2 idle cores one 800-iteration run at 256 px takes ~5.5 min, and with
-# JOBS=2 two run at once in about the same time each (~55 runs: ~2.5 h with JOBS=2).
+# JOBS=2 two run at once in about the same time each (40 runs: ~2 h with JOBS=2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-output/repro}
