@@ -282,3 +282,10 @@ def test_training_curves_read_detectron2_metrics_json(tmp_path):
     # the pending run is not drawn; the failed one up to its last finite value
     assert drawn == {"alpha 0.75, seed 0": 3, "alpha 0.1, seed 0": 1}
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_long_failure_message_is_cut_at_a_sentence_and_marked(tmp_path):
+    first = "FloatingPointError: non-finite loss at iteration 188: loss_cls=nan."
+    (tmp_path / "stdout.txt").write_text("noise\n" + first + " Hint " + "x" * 400 + ". More.\n")
+    reason = rt._failure_reason(str(tmp_path), str(tmp_path / "stdout.txt"))
+    assert reason == first + " [...]"

@@ -473,7 +473,11 @@ def _failure_reason(output_dir: str, stdout_path: str) -> str:
                     r"(non-finite[^\n]*)", r"(\w+Error: [^\n]*)"):  # fmt: skip
         m = re.findall(pattern, text)
         if m:
-            return m[-1].strip()[:300]
+            msg = m[-1].strip()
+            if len(msg) > 300:  # whole sentences, marked as cut
+                cut = msg.rfind(". ", 0, 300)
+                msg = msg[: cut + 1 if cut > 0 else 300] + " [...]"
+            return msg
     return "exited with an error (see stdout.txt)"
 
 
