@@ -131,7 +131,7 @@ def measure(entries, rounds, warmup, device):
 def to_markdown(result):
     pts = result["points"]
     fastest = min(p["time_ms"] for p in pts)
-    lines = ["### Speed vs accuracy of trained models (our Figure 2 points)", ""]
+    lines = ["## Speed vs accuracy of trained models (our Figure 2 points)", ""]
     lines += bc.measured_header(result)
     lines += [
         f"{result['threads']} thread(s), device {result['device']}; per image: median over "
