@@ -620,19 +620,21 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
         notes.append(
             "- \\* no detection above the test score threshold (COCO AP undefined; counted as 0)"
         )
+    grouped: Dict[Tuple[str, str], List[int]] = {}  # (config, note) -> seeds, one line each
     for s in summary:
         for r in s["runs"]:
             if r.get("reused_from") and r["state"] == "done":
-                notes.append(
-                    f"- {os.path.basename(s['config'])} seed {r['seed']}: the same config as"
-                    f" `{_display_path(os.path.dirname(r['output_dir']))}` (another row's run,"
-                    " reused; not trained again)"
+                what = (
+                    f"the same config as `{_display_path(os.path.dirname(r['output_dir']))}`"
+                    " (another row's run, reused; not trained again)"
                 )
+                grouped.setdefault((s["config"], what), []).append(r["seed"])
             if r["state"] in ("failed", "skipped", "stale"):
-                what = r.get("reason", "")
-                notes.append(
-                    f"- {os.path.basename(s['config'])} seed {r['seed']}: {r['state']}: {what}"
-                )
+                what = f"{r['state']}: {r.get('reason', '')}"
+                grouped.setdefault((s["config"], what), []).append(r["seed"])
+    for (config, what), seeds in grouped.items():
+        label = "seed" + ("s " if len(seeds) > 1 else " ") + ", ".join(map(str, seeds))
+        notes.append(f"- {os.path.basename(config)} {label}: {what}")
     versions = {}
     for s in summary:
         for r in s["runs"]:
