@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -194,8 +195,13 @@ def main(argv=None):
     series = args.series or (
         f"ours ({args.device}, {args.threads} thread{'s' if args.threads > 1 else ''})"
     )
+    record = bc.run_record()
+    if argv is not None:  # called as a function: record the arguments it was given
+        record["command"] = "flock /tmp/focal_bench.lock " + shlex.join(
+            ["python", "benchmarks/speed_accuracy.py", *argv]
+        )
     result = {
-        **bc.run_record(),
+        **record,
         "threads": args.threads,
         "device": args.device,
         "rounds": args.rounds,
