@@ -345,21 +345,17 @@ def config_drift(run: Run) -> List[str]:
     path = os.path.join(run.output_dir, "config.yaml")
     if run.expected_cfg is None or not os.path.isfile(path):
         return []
-    return _differing_keys(_saved_cfg(path), run.expected_cfg)
+    return _differing_keys(_saved_cfg(path)[0], run.expected_cfg)
 
 
-def _saved_cfg(path: str, with_seed: bool = False):
-    """
-    The flattened config a run saved (detectron2 writes ``config.yaml`` in its folder); with
-    ``with_seed``, ``(config, its SEED)``.
-    """
+def _saved_cfg(path: str) -> Tuple[Dict, Optional[int]]:
+    """(flattened config, SEED) a run saved (detectron2 writes ``config.yaml`` in its folder)."""
     import yaml
     from detectron2.config import CfgNode
 
     with open(path) as f:
         raw = yaml.safe_load(f)
-    flat = _flat_cfg(CfgNode(raw))
-    return (flat, raw.get("SEED")) if with_seed else flat
+    return _flat_cfg(CfgNode(raw)), raw.get("SEED")
 
 
 def _differing_keys(saved: Dict, expected: Dict) -> List[str]:
@@ -395,7 +391,7 @@ def reuse_equivalent_runs(runs: List[Run], scale_root: str) -> None:
                         continue
                     if parse_final_metrics(log) is None:
                         continue
-                    saved, seed = _saved_cfg(cfg_path, with_seed=True)
+                    saved, seed = _saved_cfg(cfg_path)
                     candidates.append((os.path.join(folder, sub), seed, saved))
         for folder, seed, saved in candidates:
             if (
