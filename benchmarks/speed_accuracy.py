@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # run_table, plot tool
 import bench_common as bc  # noqa: E402
 
 logger = logging.getLogger("focal_det.speed_accuracy")
@@ -73,7 +74,6 @@ def load_run(folder, device):
     for p in (cfg_path, weights):
         if not os.path.isfile(p):
             raise SystemExit(f"{folder} is not a finished training run: {p} is missing")
-    sys.path.insert(0, str(bc.REPO / "tools"))
     from run_table import parse_final_metrics
 
     metrics = parse_final_metrics(os.path.join(folder, "log.txt"))
@@ -221,7 +221,6 @@ def main(argv=None):
     }
     bc.publish(result, to_markdown(result), args.json, args.doc, args.doc_marker)
     if args.plot_dir and args.json:
-        sys.path.insert(0, str(bc.REPO / "tools"))
         import plot_speed_accuracy
 
         plot_speed_accuracy.main(["--results", args.json, "--output-dir", args.plot_dir])

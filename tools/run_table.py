@@ -362,6 +362,23 @@ def _differing_keys(saved: Dict, expected: Dict) -> List[str]:
     return sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
 
 
+def _finished_runs(scale_root: str) -> List[Tuple[str, Optional[int], Dict]]:
+    """(folder, seed, flattened saved config) of every finished run under ``scale_root``."""
+    out = []
+    for name in sorted(os.listdir(scale_root)):
+        folder = os.path.join(scale_root, name)
+        subs = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        for sub in subs:
+            run_dir = os.path.join(folder, sub)
+            cfg_path = os.path.join(run_dir, "config.yaml")
+            if not sub.startswith("seed") or not os.path.isfile(cfg_path):
+                continue
+            if parse_final_metrics(os.path.join(run_dir, "log.txt")) is not None:
+                saved, seed = _saved_cfg(cfg_path)
+                out.append((run_dir, seed, saved))
+    return out
+
+
 def reuse_equivalent_runs(runs: List[Run], scale_root: str) -> None:
     """
     Points every run that has no result of its own at a finished run of the same seed whose
@@ -374,25 +391,12 @@ def reuse_equivalent_runs(runs: List[Run], scale_root: str) -> None:
     """
     if not os.path.isdir(scale_root):
         return
-    candidates = None  # [(folder, seed, flat config)], read once, only if a run needs it
+    candidates = None  # read once, only if a run needs it
     for r in runs:
         if r.skipped or r.expected_cfg is None or run_state(r)["state"] not in ("pending", "stale"):
             continue
         if candidates is None:
-            candidates = []
-            for name in sorted(os.listdir(scale_root)):
-                folder = os.path.join(scale_root, name)
-                if not os.path.isdir(folder):
-                    continue
-                for sub in sorted(os.listdir(folder)):
-                    cfg_path = os.path.join(folder, sub, "config.yaml")
-                    log = os.path.join(folder, sub, "log.txt")
-                    if not sub.startswith("seed") or not os.path.isfile(cfg_path):
-                        continue
-                    if parse_final_metrics(log) is None:
-                        continue
-                    saved, seed = _saved_cfg(cfg_path)
-                    candidates.append((os.path.join(folder, sub), seed, saved))
+            candidates = _finished_runs(scale_root)
         for folder, seed, saved in candidates:
             if (
                 seed == r.seed
@@ -655,6 +659,11 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
     return "\n".join(lines) + "\n"
 
 
+def _row_label(cols: List[str], setting: Dict, sep: str) -> str:
+    """A row's setting columns as text, e.g. "gamma 2, alpha 0.25" (``sep`` between columns)."""
+    return sep.join(f"{c} {_cell(setting[c])}" for c in cols)
+
+
 def plot_table(table: str, scale: str, summary: List[Dict], path: str) -> Dict:
     """
     The table as a picture: per row (x, labelled by its setting), the paper's AP and ours side
@@ -671,7 +680,7 @@ def plot_table(table: str, scale: str, summary: List[Dict], path: str) -> Dict:
 
     paper_table = get_paper_table(table)
     cols = list(paper_table.setting)
-    labels = ["\n".join(f"{c} {_cell(s['setting'][c])}" for c in cols) for s in summary]
+    labels = [_row_label(cols, s["setting"], "\n") for s in summary]
     paper = [s["paper"]["AP"] for s in summary]
     ours = [s["ours_mean"]["AP"] for s in summary]
     seeds = [[_ap_value(r, "AP") for r in s["runs"] if r["state"] == "done"] for s in summary]
@@ -736,7 +745,7 @@ def plot_curves(table: str, summary: List[Dict], path: str) -> Dict[str, int]:
     drawn = {}
     cmap = plt.get_cmap("tab10")
     for k, s in enumerate(summary):
-        name = ", ".join(f"{c} {_cell(s['setting'][c])}" for c in cols)
+        name = _row_label(cols, s["setting"], ", ")
         for r in s["runs"]:
             if r["state"] not in ("done", "failed", "stale"):
                 continue
