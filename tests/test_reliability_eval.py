@@ -140,8 +140,10 @@ def _gloo_worker(tmp):
     from detectron2.utils import comm
 
     torch.set_num_threads(1)
-    preds = write_fake_coco(os.path.join(tmp, "gt.json"), num_images=16)
-    register_coco_instances("reliability_gloo_coco", {}, os.path.join(tmp, "gt.json"), tmp)
+    # One file per rank: two processes writing one path race (a rank read it half-written).
+    gt = os.path.join(tmp, f"gt_rank{comm.get_rank()}.json")
+    preds = write_fake_coco(gt, num_images=16)
+    register_coco_instances("reliability_gloo_coco", {}, gt, tmp)
     DatasetCatalog.get("reliability_gloo_coco")
     ev = StreamingCOCOEvaluator("reliability_gloo_coco", ("bbox",), True, chunk_images=5)
     mine = preds[comm.get_rank() :: comm.get_world_size()]
