@@ -40,7 +40,10 @@ def write_images(root, num_images=6, size=(128, 160), seed=0):
                 }
             )
         path = os.path.join(root, f"{i:04d}.png")
-        Image.fromarray(img).save(path)
+        # Atomic: spawned ranks of a distributed test write the same files while others read.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, path)
         records.append(
             {"file_name": path, "image_id": i, "height": h, "width": w, "annotations": annos}
         )
