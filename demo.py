@@ -5,9 +5,13 @@ detections out.
 
     python demo.py --weights output/demo/model_final.pth --input photo.png --output out/
     python demo.py --weights output/demo/model_final.pth --input 'tiles/*.png' more/ --output out/
+    # an exported model (tools/export_model.py; docs/deployment.md): same detections
+    python demo.py --backend onnxruntime --weights exported/model.onnx --input tiles/ --output out/
+    python demo.py --backend torchscript --weights exported/model.ts --input tiles/ --output out/
 
 ``--input`` takes image files, folders (their .png/.jpg/.jpeg/.tif/.tiff/.bmp files) and glob
-patterns. The config defaults to the ``config.yaml`` that training saved next to the checkpoint.
+patterns. The config defaults to the ``config.yaml`` that training (or the export tool) saved
+next to ``--weights``.
 Images are processed at the config's test size (the demo config: longest side 256 px, the 0.64
 scale of its 400 px training tiles; override INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST for other sizes).
 Writes ``<output>/<image name>.png`` (detections with score >= --confidence-threshold drawn) and
@@ -29,7 +33,11 @@ from detectron2.modeling import build_model
 
 import focal_det  # noqa: F401  (registers FocalRetinaNet, the MobileNetV2-FPN, the datasets)
 from focal_det import add_focal_config
+from focal_det.config_check import merge_config_file, merge_config_list
 from focal_det.demo_job import PRED_COLOR, draw_boxes, predict
+
+BACKENDS = ("pytorch", "torchscript", "onnxruntime")
+WEIGHT_SUFFIXES = {"pytorch": (".pth", ".pkl"), "torchscript": (".ts",), "onnxruntime": (".onnx",)}
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -55,8 +63,9 @@ def expand_inputs(inputs):
     return paths
 
 
-def load_model(weights, config_file=None, opts=()):
-    """Build the model of ``config_file`` (default: config.yaml beside ``weights``) and load it."""
+def load_config(weights, config_file=None, opts=()):
+    """The config of ``config_file`` (default: config.yaml beside ``weights``) + ``opts``, read
+    with the checked, safe merges of focal_det.config_check (not frozen)."""
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(
@@ -70,8 +79,14 @@ def load_model(weights, config_file=None, opts=()):
             )
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
+    merge_config_file(cfg, str(config_file))
+    merge_config_list(cfg, list(opts))
+    return cfg
+
+
+def load_model(weights, config_file=None, opts=()):
+    """Build the model of ``config_file`` (default: config.yaml beside ``weights``) and load it."""
+    cfg = load_config(weights, config_file, opts)
     # The checkpoint holds every weight: no ImageNet file needed to build the backbone.
     cfg.MODEL.MOBILENET.WEIGHTS = "none"
     cfg.MODEL.WEIGHTS = str(weights)
@@ -86,9 +101,34 @@ def load_model(weights, config_file=None, opts=()):
     return model, cfg
 
 
-def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
+def load_detector(backend, weights, config_file=None, opts=()):
+    """
+    Returns ``(detect, cfg)``: ``detect(image_rgb)`` gives CPU Instances in the image's pixels.
+    ``backend`` "pytorch" takes a checkpoint; "torchscript" / "onnxruntime" the model.ts /
+    model.onnx of tools/export_model.py (the same detections, docs/deployment.md).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: choose one of {BACKENDS}")
+    if Path(weights).suffix.lower() not in WEIGHT_SUFFIXES[backend]:
+        raise ValueError(
+            f"--backend {backend} takes a {' or '.join(WEIGHT_SUFFIXES[backend])} file, got "
+            f"--weights {weights}. A checkpoint (.pth) runs with --backend pytorch; export it "
+            "with tools/export_model.py for torchscript (model.ts) or onnxruntime (model.onnx)."
+        )
+    if backend == "pytorch":
+        model, cfg = load_model(weights, config_file, opts)
+        return (lambda img: predict(model, cfg, img)), cfg
+    from focal_det.export import detect, load_runner
+
+    cfg = load_config(weights, config_file, opts)
+    cfg.freeze()
+    runner = load_runner(backend, str(weights))
+    return (lambda img: detect(runner, cfg, img)), cfg
+
+
+def run(weights, inputs, output, config_file=None, threshold=0.3, opts=(), backend="pytorch"):
     """Detect on every input image; write pictures and detections.json. Returns the JSON dict."""
-    model, cfg = load_model(weights, config_file, opts)
+    detect, cfg = load_detector(backend, weights, config_file, opts)
     paths = expand_inputs(inputs)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +141,7 @@ def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
     used = set()
     for path in paths:
         img = read_image(str(path), format="RGB")
-        inst = predict(model, cfg, img)
+        inst = detect(img)
         keep = inst.scores >= threshold
         boxes, scores = inst.pred_boxes.tensor[keep], inst.scores[keep]
         classes = inst.pred_classes[keep]
@@ -147,8 +187,12 @@ def main(argv=None):
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument(
-        "--weights", required=True, help="checkpoint, e.g. output/demo/model_final.pth"
+        "--weights",
+        required=True,
+        help="checkpoint (output/demo/model_final.pth), or model.ts / model.onnx of "
+        "tools/export_model.py with --backend torchscript / onnxruntime",
     )
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch")
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders, globs")
     parser.add_argument("--output", required=True, help="folder for pictures + detections.json")
     parser.add_argument("--config-file", default=None, help="default: config.yaml beside --weights")
@@ -163,8 +207,9 @@ def main(argv=None):
             args.config_file,
             args.confidence_threshold,
             args.opts,
+            args.backend,
         )
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     return 0
 

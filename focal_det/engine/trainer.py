@@ -40,7 +40,7 @@ from ..data.sanitize import FileNamingMapper, check_dataset_files, load_dataset_
 from ..evaluation import build_coco_evaluator
 from .hooks import ResumableDataHook, explain_non_finite_loss, find_resumable_sampler
 
-__all__ = ["Trainer", "setup", "main", "create_ddp_model"]
+__all__ = ["Trainer", "load_config", "setup", "main", "create_ddp_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,26 +178,35 @@ class Trainer(DefaultTrainer):
         return build_coco_evaluator(cfg, dataset_name, output_folder)
 
 
-def setup(args):
+def load_config(config_file, opts=(), world_size=None):
     """
-    Build the frozen config of a run from parsed command-line arguments (detectron2's
-    ``default_argument_parser``): detectron2 defaults -> focal_det keys -> ``args.config_file``
-    -> ``args.opts`` -> freeze -> ``default_setup`` (logging, config backup, seeding).
+    The checked, unfrozen config: detectron2 defaults -> focal_det keys -> ``config_file`` ->
+    ``opts`` (``KEY VALUE`` pairs) -> CPU when CUDA is absent -> :func:`check_config`.
     """
     cfg = get_cfg()
     add_focal_config(cfg)
     # Checked merges: an unknown key / wrong type names the key, its file and the closest key;
     # YAML is read with yaml.safe_load only.
-    if args.config_file:
-        merge_config_file(cfg, args.config_file)
-    merge_config_list(cfg, args.opts)
+    if config_file:
+        merge_config_file(cfg, config_file)
+    merge_config_list(cfg, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("detectron2").warning(
             "MODEL.DEVICE=%s but CUDA is not available: running on CPU instead.",
             cfg.MODEL.DEVICE,
         )
         cfg.MODEL.DEVICE = "cpu"
-    check_config(cfg, world_size=comm.get_world_size())  # settings that cannot work together
+    check_config(cfg, world_size=world_size)  # settings that cannot work together
+    return cfg
+
+
+def setup(args):
+    """
+    Build the frozen config of a run from parsed command-line arguments (detectron2's
+    ``default_argument_parser``): :func:`load_config` of ``args.config_file`` and ``args.opts``
+    -> freeze -> ``default_setup`` (logging, config backup, seeding).
+    """
+    cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
