@@ -80,7 +80,7 @@ def side_by_side(*images, gap=8):
     return np.concatenate(parts, axis=1)
 
 
-def test_input(cfg, image_rgb):
+def resize_for_test(cfg, image_rgb):
     """
     The model input for one (H, W, 3) uint8 RGB image: (3, H', W') uint8 in ``INPUT.FORMAT``,
     resized as detectron2's test loader does (``ResizeShortestEdge(MIN_SIZE_TEST,
@@ -99,7 +99,7 @@ def test_input(cfg, image_rgb):
 def predict(model, cfg, image_rgb):
     """Run ``model`` (eval mode) on one (H, W, 3) uint8 RGB image; returns CPU Instances."""
     h, w = image_rgb.shape[:2]
-    tensor = test_input(cfg, image_rgb)
+    tensor = resize_for_test(cfg, image_rgb)
     return model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
 
 

@@ -22,11 +22,12 @@ Everything is detectron2's ``DefaultTrainer`` except:
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, build_detection_test_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import verify_results
@@ -167,6 +168,29 @@ class Trainer(DefaultTrainer):
         return create_ddp_model(model, broadcast_buffers=False)
 
     @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """
+        Evaluate ``model`` with test-time augmentation (``FocalRetinaNetWithTTA``: TEST.AUG.
+        MIN_SIZES, MAX_SIZE, FLIP), as detectron2's tools/train_net.py does for R-CNNs.
+
+        Returns:
+            the results of :meth:`test`, each key suffixed with "_TTA" (e.g. "bbox_TTA");
+            detections written to ``OUTPUT_DIR/inference_TTA``.
+        """
+        from ..modeling.test_time_augmentation import FocalRetinaNetWithTTA
+
+        logger.info("Running inference with test-time augmentation ...")
+        model = FocalRetinaNetWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict({k + "_TTA": v for k, v in res.items()})
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """
         Returns:
@@ -215,7 +239,9 @@ def setup(args):
 def main(args, trainer_cls=Trainer):
     """
     Train (``trainer.train()``) or, with ``args.eval_only``, evaluate ``MODEL.WEIGHTS`` on
-    ``DATASETS.TEST``. Call it through detectron2's ``launch`` for multi-process runs.
+    ``DATASETS.TEST``; with ``TEST.AUG.ENABLED`` also with test-time augmentation
+    (:meth:`Trainer.test_with_TTA`, results keyed "bbox_TTA"). Call it through detectron2's
+    ``launch`` for multi-process runs.
 
     Returns:
         the evaluation results (dict) on the main process (None when training without
@@ -228,10 +254,16 @@ def main(args, trainer_cls=Trainer):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = trainer_cls.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(trainer_cls.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
 
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:  # after training, as detectron2's tools/train_net.py
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer_cls.test_with_TTA(cfg, trainer.model))]
+        )
     return trainer.train()

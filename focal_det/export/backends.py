@@ -107,10 +107,10 @@ def detect(runner, cfg, image_rgb: np.ndarray) -> Instances:
     config's test loader does, and the detections are mapped back to the image's pixels with
     detectron2's ``detector_postprocess`` (scaled, clipped, empty boxes dropped).
     """
-    from ..demo_job import test_input
+    from ..demo_job import resize_for_test
 
     h, w = image_rgb.shape[:2]
-    image = test_input(cfg, image_rgb).to(torch.float32)
+    image = resize_for_test(cfg, image_rgb).to(torch.float32)
     boxes, scores, classes = runner(image)
     inst = Instances(
         tuple(image.shape[-2:]), pred_boxes=Boxes(boxes), scores=scores, pred_classes=classes
