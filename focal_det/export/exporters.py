@@ -4,9 +4,12 @@ Writing an ``ExportableRetinaNet`` as TorchScript (``model.ts``) or ONNX (``mode
 Which exporters work here (torch 2.14.1, torchvision 0.29.1, onnx 1.23.2, onnxscript 0.7.2,
 onnxruntime 1.31.1), tested on ``ExportableRetinaNet`` at image sizes other than the sample's:
 
-* TorchScript: ``torch.jit.trace`` of the module (deprecated since torch 2.10 with a
-  FutureWarning, still working). Sizes under tracing are 0-dim tensors, so the padding, the
-  anchors (detectron2's generator), k and the clipping bounds stay functions of the input.
+* TorchScript: ``torch.jit.trace`` of the module (deprecated in torch 2.14 with a FutureWarning,
+  still working), then ``torch.jit.freeze`` (weights as constants, Conv+BN folded: ~4% faster
+  on the demo model). ``torch.jit.optimize_for_inference`` is not used: its module cannot be
+  loaded back (``required keyword attribute 'value' is undefined``). Sizes under tracing are
+  0-dim tensors, so the padding, the anchors (detectron2's generator), k and the clipping
+  bounds stay functions of the input.
   ``torch.jit.script`` is not used: detectron2's backbones and Boxes are not all scriptable.
 * ONNX: ``torch.onnx.export(dynamo=True)`` (``torch.export`` with dynamic height and width, then
   onnxscript's translation; ``torchvision::nms`` becomes ``NonMaxSuppression``). Needs onnxscript.
@@ -47,13 +50,16 @@ def file_name(fmt: str) -> str:
 
 
 def export_torchscript(module: ExportableRetinaNet, sample: torch.Tensor, path: str) -> str:
-    """Trace ``module`` on ``sample`` (3, H, W) and save the TorchScript module to ``path``."""
+    """Trace ``module`` on ``sample`` (3, H, W), freeze it (``torch.jit.freeze``) and save the
+    TorchScript module to ``path``."""
     with torch.no_grad(), warnings.catch_warnings():
         # The deprecation notice, and TracerWarnings from detectron2's Boxes/ImageList asserts
         # (constant branches, true at every size; the exactness tests run other sizes).
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, (sample,), check_trace=False)
+        # Parameters become constants; BatchNorms are folded into the convolutions before them.
+        traced = torch.jit.freeze(traced)
     traced.save(path)
     return path
 
