@@ -9,8 +9,8 @@ onnxruntime 1.31.1), tested on ``ExportableRetinaNet`` at image sizes other than
   on the demo model). ``torch.jit.optimize_for_inference`` is not used: its module cannot be
   loaded back (``required keyword attribute 'value' is undefined``). Sizes under tracing are
   0-dim tensors, so the padding, the anchors (detectron2's generator), k and the clipping
-  bounds stay functions of the input.
-  ``torch.jit.script`` is not used: detectron2's backbones and Boxes are not all scriptable.
+  bounds stay functions of the input; so no ``torch.jit.script`` (which would need every
+  module of every backbone to be scriptable) is needed.
 * ONNX: ``torch.onnx.export(dynamo=True)`` (``torch.export`` with dynamic height and width, then
   onnxscript's translation; ``torchvision::nms`` becomes ``NonMaxSuppression``). Needs onnxscript.
   The legacy TorchScript-based exporter (``dynamo=False`` + ``dynamic_axes``) also gives a
