@@ -11,9 +11,9 @@ Models (--models):
         MobileNetV2-FPN, 1 class), at its test size (INPUT.MIN_SIZE_TEST x MIN_SIZE_TEST, capped
         by MAX_SIZE_TEST, as its square tiles are resized).
 Random weights (speed only), made realistic as benchmarks/bench_common.py does: every FrozenBN
-calibrated on a synthetic image, the classification bias at logit(SCORE_THRESH_TEST) so that
-thousands of candidates pass the threshold and inference does its full work (top-1000 per
-level, decoding, NMS). FocalRetinaNet loads detectron2's state dict strictly.
+calibrated on a synthetic image, the classification logits centred on logit(SCORE_THRESH_TEST)
+(here also scaled to std 1) so that half of them pass the threshold and inference does its full
+work (top-1000 per level, decoding, NMS). FocalRetinaNet loads detectron2's state dict strictly.
 
 Timed: ``runner(image)`` from the (3, H, W) float32 test-size tensor to the detections
 (normalisation, padding, backbone, head, anchors, decoding, NMS; for the eager models also
@@ -77,9 +77,20 @@ def build_pair(cfg, size, seed=0):
     image = bc.synthetic_images(1, *size, num_classes=cfg.MODEL.RETINANET.NUM_CLASSES,
                                 seed=seed + 1)[0]  # fmt: skip
     bc.calibrate_frozen_bn(d2, lambda: d2([image]))
-    thresh = cfg.MODEL.RETINANET.SCORE_THRESH_TEST
+    # Logits of std 1 around logit(threshold): half of them pass (as bench_common's bias alone
+    # gives), spread like a detector's rather than all within 1e-4 of 0.05, where float
+    # rounding (channels-last, folded BN) reorders near-ties and changes the top-k sets.
+    cls_score = d2.head.cls_score
+    outs = []
+    hook = cls_score.register_forward_hook(
+        lambda mod, inp, out: outs.append(out - mod.bias[:, None, None])
+    )
     with torch.no_grad():
-        d2.head.cls_score.bias.fill_(math.log(thresh / (1 - thresh)))
+        d2.eval()([{"image": image["image"]}])
+        hook.remove()
+        cls_score.weight.div_(torch.cat([o.flatten() for o in outs]).std())
+        thresh = cfg.MODEL.RETINANET.SCORE_THRESH_TEST
+        cls_score.bias.fill_(math.log(thresh / (1 - thresh)))
     ours = build_model(cfg)
     ours.load_state_dict(d2.state_dict(), strict=True)
     return d2.eval(), ours.eval()
