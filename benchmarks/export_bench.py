@@ -19,8 +19,9 @@ Timed: ``runner(image)`` from the (3, H, W) float32 test-size tensor to the dete
 (normalisation, padding, backbone, head, anchors, decoding, NMS; for the eager models also
 detectron2's detector_postprocess at scale 1). Each variant runs --warmup untimed then --iters
 timed images per round; --rounds rounds with the order reversed every other round; medians.
-Every variant's detections are checked against detectron2's (same count, boxes within 1e-3 px,
-scores within 1e-5) and the result is recorded. Export times are reported too.
+Every variant's detections are checked against detectron2's (``compare_detections``: same
+count and classes, boxes within 1e-3 px, scores within 1e-5 + 1e-4 x score, ties in any order)
+and the largest differences are recorded. Export times are reported too.
 
 Writes benchmarks/results/export_bench.json and the section between
 <!-- BEGIN export_bench --> / <!-- END export_bench --> of docs/benchmarks.md. Run it alone:
@@ -178,13 +179,16 @@ def to_markdown(r):
         lines += [
             f"**{what}, {h}x{w} input** (export time: {exports or '-'})",
             "",
-            "| backend | ms/image | x d2_eager | detections | same as d2_eager |",
-            "|---|---|---|---|---|",
+            "| backend | ms/image | x d2_eager | detections | same as d2_eager | max box / score "
+            "diff |",
+            "|---|---|---|---|---|---|",
         ]
         for v, s in res["variants"].items():
             same = "yes" if s["same_as_d2_eager"] else "**no**"
+            diff = ("-" if s["max_box_diff"] is None
+                    else f"{s['max_box_diff']:.1e} px / {s['max_score_diff']:.1e}")
             lines.append(f"| `{v}` | {s['ms_per_image']:.1f} | **{s['ratio_vs_d2_eager']:.2f}** "
-                         f"| {s['detections']} | {same} |")
+                         f"| {s['detections']} | {same} | {diff} |")
         lines.append("")
     la = r.get("loadavg", {})
     lines.append(f"1-min load average at start / end: {la.get('start')} / {la.get('end')}.")
