@@ -33,6 +33,7 @@ through ``torch.compile``: one fused loop forward, one fused loop backward) and 
 when torch.compile works here, eager otherwise). They run the same formulas, so values agree to
 float rounding (tested).
 """
+import math
 import threading
 import types
 import warnings
@@ -261,13 +262,22 @@ def _scale_(t: torch.Tensor, w) -> torch.Tensor:
     return t if isinstance(w, float) and w == 1.0 else t.mul_(w)
 
 
+_NEG_LOG2_E = -1.0 / math.log(2.0)
+
+
 def _softplus_into(v, s):
-    """softplus(v) = max(v, 0) + log1p(exp(-|v|)) to ~1 ulp, in s("sp"); uses s("t0".."t2")."""
+    """softplus(v) = max(v, 0) + log1p(exp(-|v|)) in s("sp"); uses s("t0".."t2")."""
     shape = v.shape
-    e = torch.abs(v, out=s("t0", shape)).neg_().exp_()
+    e = torch.abs(v, out=s("t0", shape))
+    if e.dtype == torch.float64:
+        e.neg_().exp_()
+    else:  # 2^(-|v| log2 e): a few ulps for |v| < 10 (30 at 80), and exp2 is ~4x faster on CPU
+        e.mul_(_NEG_LOG2_E).exp2_()
     u = torch.add(e, 1.0, out=s("t1", shape))
-    c = torch.sub(u, 1.0, out=s("t2", shape)).sub_(e)  # the rounding error of 1 + e
-    log1p = torch.log(u, out=e).addcdiv_(c, u, value=-1.0)
+    c = torch.sub(u, 1.0, out=s("t2", shape)).sub_(e)  # the rounding error of 1 + e (exact)
+    # log1p(e) = log(u) - c / u to first order; c instead of c / u adds c e / u, under half an
+    # ulp of log1p(e) since |c| <= ulp(1) / 2
+    log1p = torch.log(u, out=e).sub_(c)
     return torch.clamp(v, min=0.0, out=s("sp", shape)).add_(log1p)
 
 
@@ -680,7 +690,7 @@ def sigmoid_loss_from_labels(
     if loss == "star" and not gamma > 0:
         raise ValueError(f"gamma={gamma} must be > 0 for FL*.")
     K = pred_logits.shape[-1]
-    x = pred_logits.reshape(-1, K)
+    x = pred_logits.reshape(gt_labels.numel(), K)  # (not -1: K may be 0)
     labels = gt_labels.reshape(-1).to(torch.int64)
     out = _FusedSigmoidLoss.apply(
         x, labels, "label", loss, float(alpha), float(gamma), float(beta), reduction, impl
@@ -698,7 +708,7 @@ def per_anchor_ce_from_labels(
     anchors.
     """
     K = pred_logits.shape[-1]
-    x = pred_logits.reshape(-1, K)
+    x = pred_logits.reshape(gt_labels.numel(), K)  # (not -1: K may be 0)
     labels = gt_labels.reshape(-1).to(torch.int64)
     strict = impl == "compiled"
     (out, _), _ = _run(
