@@ -18,20 +18,32 @@ Two ways to give the targets:
   supported, use fvcore for those);
 * from labels (the detector's path): ``labels`` (M,) int64, a class in [0, K), K = background,
   -1 = ignored. The (M, K) one-hot target is never materialised: the comparison
-  ``label == class`` happens inside the fused kernel.
+  ``label == class`` happens inside the fused loop (compiled), or for the foreground anchors
+  only, chunk by chunk (eager).
 
-Every loss is a :class:`torch.autograd.Function`. Its forward pass is one loop over the logits
-that produces the loss and, when the logits require grad, the Appendix-B gradient d(loss)/dx
-(written once, in the logits' dtype: the only logits-sized tensor it allocates, and the one
-autograd hands back). Its backward pass is the chain rule in place in that buffer (skipped when
-grad_output is 1). Nothing else is saved: no p_t, no one-hot, no intermediate. All arithmetic is
-done in float32 (float64 stays float64, for gradcheck).
+Every loss is a :class:`torch.autograd.Function`. Its forward pass produces the loss and, when
+the logits require grad, the Appendix-B gradient d(loss)/dx (written once, in the logits' dtype:
+the only logits-sized tensor it allocates, and the one autograd hands back). Its backward pass
+is the chain rule in place in that buffer (skipped when grad_output is 1). Nothing else is
+saved: no p_t, no one-hot, no intermediate. All arithmetic is done in float32, constants
+included (float64 stays float64, for gradcheck and the closed-form tests).
 
-Implementations (``impl``): ``"eager"`` (plain PyTorch ops), ``"compiled"`` (the same functions
-through ``torch.compile``: one fused loop forward, one fused loop backward) and ``"auto"``
-(compiled for float16/bfloat16/float32 tensors of at least ``AUTO_COMPILE_MIN_NUMEL`` elements
-when torch.compile works here, eager otherwise). They run the same formulas, so values agree to
-float rounding (tested).
+Implementations (``impl``, config ``MODEL.FOCAL.LOSS.IMPL``), the same formulas, so the values
+agree to float rounding (tested):
+
+* ``"compiled"``: the kernels through ``torch.compile``, one fused loop over the logits. The
+  fastest where a compiler works (C++ on CPU, Triton on GPU), but each new loss / parameters /
+  dtype costs a compilation of seconds, and an error is raised if it fails.
+* ``"eager"``: plain PyTorch ops on chunks of ``EAGER_CHUNK_NUMEL`` logits, in a few reused
+  buffers (see "Eager implementation" below): no warm-up, any device and dtype, bounded
+  temporaries; on CPU far faster than fvcore's function, not as fast as compiled
+  (docs/benchmarks.md).
+* ``"auto"`` (default): compiled for float16 / bfloat16 / float32 logits of at least
+  ``AUTO_COMPILE_MIN_NUMEL`` elements, on any device, while torch.compile has not failed in this
+  process; eager otherwise: float64 (tests, gradcheck: exact, never worth compiling), small
+  tensors (the compilation and guards cost more than they save; the test suite never compiles
+  unless it asks), empty tensors and TorchScript. A compile failure makes this process eager
+  for good, with one RuntimeWarning.
 """
 import math
 import threading
@@ -48,6 +60,7 @@ __all__ = [
     "sigmoid_loss_from_labels",
     "per_anchor_ce_from_labels",
     "AUTO_COMPILE_MIN_NUMEL",
+    "EAGER_CHUNK_NUMEL",
     "IMPLS",
 ]
 
