@@ -66,6 +66,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the focal_det next to this script, not whichever checkout the venv has installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_common as bc  # noqa: E402
 from bench_common import num_anchors  # noqa: E402  (part of this script's API: tests use it)
