@@ -450,7 +450,7 @@ def format_table(summary: Dict, fg: float) -> str:
         sizes = "/".join(f"{v:g}" for v in s["anchor_sizes"])
         out.append(line(s["level"], s, s["boxes_best_here"]) + f" {s['stride']:>6} {sizes:<22}")
     out += [line("all", summary["overall"], summary["overall"]["num_boxes"])]
-    return "\n".join(out)
+    return "\n".join(x.rstrip() for x in out)
 
 
 # ------------------------------------------------------------------------------------ figure
