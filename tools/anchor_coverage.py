@@ -329,8 +329,9 @@ def collect_coverage(
             best_boxes = anchors[res["best_anchor"].to(anchors.device)].cpu()
             best_level = level[res["best_anchor"].to(level.device)].cpu()
             annos = record["annotations"]
+            gt_boxes = gt.cpu().tolist()
             for j in range(len(gt)):
-                box = gt[j].cpu().tolist()
+                box = gt_boxes[j]
                 bw, bh = box[2] - box[0], box[3] - box[1]
                 pbl = res["positives_by_level"][j].tolist()
                 num_pos = int(sum(pbl))
