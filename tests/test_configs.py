@@ -238,9 +238,13 @@ def test_paper_row_hyper_parameters(rel):
     if row["loss"] == "OHEM":
         assert loss.batch_size_per_image == row["batch"]
         assert loss.nms_thresh == pytest.approx(row["nms"])
-        # "OHEM 1:3" = at most 1 positive per 3 negatives: positive fraction 1/4.
+        # "OHEM 1:3" = 1 positive per 3 negatives: positive fraction 1/4.
         expected_fraction = 1 / (1 + row["ratio"]) if row["ratio"] else -1.0
         assert loss.positive_fraction == pytest.approx(expected_fraction)
+        # Sec 5.1: "after applying nms to all examples": one NMS over positives and negatives.
+        assert loss.nms_groups == "all"
+        # Compared with FL everything else fixed: RetinaNet's box loss and normaliser.
+        assert (loss.box_loss, loss.normalizer) == ("foreground", "foreground")
 
     # Anchors: areas 32^2..512^2 on P3..P7 (strides 8..128), #scales per octave x ratios.
     sc, ar = row.get("scales_per_octave", 3), row.get("aspect_ratios", 3)

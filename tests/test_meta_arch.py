@@ -358,6 +358,33 @@ def test_each_loss_trains_end_to_end(loss_name):
         assert stats, "OHEM reports how many anchors it selected"
 
 
+def test_ohem_box_loss_is_retinanets_by_default_and_the_minibatchs_as_an_option():
+    fl_model = build(tiny_cfg())
+    batch = make_batch(seed=5)
+    with EventStorage(0) as storage:
+        fl = fl_model(copy.deepcopy(batch))
+        num_fg = storage.latest()["num_pos_anchors"][0] * len(batch)
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS.NAME = "OHEM"
+    cfg.MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE = 16
+    cfg.MODEL.FOCAL.OHEM.POSITIVE_FRACTION = 0.25
+    ohem = build(cfg)
+    ohem.load_state_dict(fl_model.state_dict())
+    with EventStorage(0):
+        default = ohem(copy.deepcopy(batch))
+    # BOX_LOSS / NORMALIZER "foreground": exactly RetinaNet's box loss
+    assert torch.equal(default["loss_box_reg"], fl["loss_box_reg"])
+    ohem.cls_loss.box_loss = ohem.cls_loss.normalizer = "selected"
+    with EventStorage(0) as storage:
+        minibatch = ohem(copy.deepcopy(batch))
+        num_sel = storage.latest()["ohem_num_selected"][0] * len(batch)
+        num_pos_sel = storage.latest()["ohem_num_pos_selected"][0] * len(batch)
+    assert 0 < num_pos_sel < num_fg
+    # a sum over a subset of the foreground anchors, divided by the minibatch size
+    assert 0 < minibatch["loss_box_reg"] * num_sel < fl["loss_box_reg"] * num_fg
+    torch.testing.assert_close(minibatch["loss_cls"] * num_sel, default["loss_cls"] * num_fg)
+
+
 class RecordingLoss(DenseClassificationLoss):
     """A loss that returns its own normaliser, box mask and stats, and records its inputs."""
 
