@@ -376,7 +376,7 @@ class OHEM(DenseClassificationLoss):
       puts more emphasis on misclassified examples, but unlike FL, OHEM completely discards easy
       examples"), compared with FL with everything else held fixed, as every part of Table 1
       changes one thing (Table 1a's CE keeps FL's normaliser and box loss). The paper's own
-      numbers agree: its OHEM rows have AP75 / AP50 = 0.70-0.73 (best row 35.1 / 50.3), as FL's
+      numbers agree: its OHEM rows have AP75 / AP50 = 0.69-0.73 (best row 35.1 / 50.3), as FL's
       38.7 / 54.9 = 0.70, so they localise like FL; a box loss over the 32-128 selected
       positives divided by B, the alternative below, does not (our demo-scale runs with it had
       AP75 0).
