@@ -26,8 +26,11 @@ def add_focal_config(cfg):
 
     _C.MODEL.FOCAL.LOSS = CN()
     # Name in focal_det.losses.FOCAL_LOSS_REGISTRY: "FocalLoss" (FL, Sec 3.2), "FocalLossStar"
-    # (FL*, Appendix A), "BalancedCE" (alpha-balanced CE, Sec 3.1), "OHEM" (Sec 5.1 baseline).
-    # FL and CE read alpha/gamma from MODEL.RETINANET.FOCAL_LOSS_ALPHA / FOCAL_LOSS_GAMMA.
+    # (FL*, Appendix A), "BalancedCE" (alpha-balanced CE, Sec 3.1), "OHEM" (Sec 5.1 baseline),
+    # "SoftmaxFocalLoss" (Detectron's RETINANET.SOFTMAX: FL over a softmax of K + 1 logits per
+    # anchor, background included; the head then predicts K + 1 logits and inference uses the
+    # softmax probabilities of the K classes). FL, softmax FL and CE read alpha/gamma from
+    # MODEL.RETINANET.FOCAL_LOSS_ALPHA / FOCAL_LOSS_GAMMA.
     _C.MODEL.FOCAL.LOSS.NAME = "FocalLoss"
     # FL*: p*_t = sigmoid(gamma * x_t + beta), FL* = -log(p*_t) / gamma (Appendix A, Table 3).
     _C.MODEL.FOCAL.LOSS.STAR_GAMMA = 2.0

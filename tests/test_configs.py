@@ -279,7 +279,12 @@ def test_full_model_builds_and_runs_on_a_tiny_image(rel):
     torch.manual_seed(0)
     model = build_model(cfg)
     head = model.head
-    assert head.cls_score.out_channels == cfg.MODEL.RETINANET.NUM_CLASSES * 9
+    # K logits per anchor (K + 1 for the softmax focal loss: the loss says how many)
+    num_logits = build_classification_loss(cfg).num_logits
+    assert num_logits == cfg.MODEL.RETINANET.NUM_CLASSES + (
+        cfg.MODEL.FOCAL.LOSS.NAME == "SoftmaxFocalLoss"
+    )
+    assert head.cls_score.out_channels == num_logits * 9
     assert head.bbox_pred.out_channels == 4 * 9
     assert len(head.cls_subnet) == 2 * cfg.MODEL.RETINANET.NUM_CONVS  # conv, ReLU pairs
     img = torch.rand(3, 64, 96) * 255
