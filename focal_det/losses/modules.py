@@ -361,8 +361,9 @@ class OHEM(DenseClassificationLoss):
       and NMS keeps one of them. A high-loss negative next to an object therefore suppresses
       an overlapping positive. ``"label"``: NMS per gt label (background one group, each class
       one group), so a negative never suppresses a positive (this project's earlier reading).
-    * Short supply under "OHEM 1:3", the ratio SSD's: SSD keeps all positives and "the top
-      [negatives] so that the ratio between the negatives and positives is at most 3:1". With
+    * Short supply under "OHEM 1:3" follows SSD, where the variant comes from: SSD keeps all
+      positives and "the top [negatives] so that the ratio between the negatives and positives
+      is at most 3:1". With
       at least B/4 positive survivors the minibatch is B/4 + 3B/4; with P < B/4 it is P + 3P:
       the ratio is kept, the batch is smaller. The variant exists "to help ensure each
       minibatch has enough positives"; filling the batch with negatives instead (detectron2's
@@ -377,9 +378,9 @@ class OHEM(DenseClassificationLoss):
       examples"), compared with FL with everything else held fixed, as every part of Table 1
       changes one thing (Table 1a's CE keeps FL's normaliser and box loss). The paper's own
       numbers agree: its OHEM rows have AP75 / AP50 = 0.69-0.73 (best row 35.1 / 50.3), as FL's
-      38.7 / 54.9 = 0.70, so they localise like FL; a box loss over the 32-128 selected
-      positives divided by B, the alternative below, does not (our demo-scale runs with it had
-      AP75 0).
+      38.7 / 54.9 = 0.70, so they localise like FL. With the alternative below (box loss over
+      the few selected positives, divided by the number of selected anchors) every one of our
+      demo-scale OHEM runs had AP75 0 (docs/reproduction.md).
     * ``BOX_LOSS "selected"`` / ``NORMALIZER "selected"``: OHEM's origin in Fast R-CNN, where the
       minibatch of hard RoIs carries both losses and both are averaged over the minibatch
       (Fast R-CNN's mean over its R RoIs): box regression over the selected foreground anchors
