@@ -274,6 +274,7 @@ def check_config(cfg, world_size=None):
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
     from .losses.build import FOCAL_LOSS_REGISTRY
+    from .losses.modules import OHEM_BOX_LOSS, OHEM_NMS_GROUPS, OHEM_NORMALIZER
     from .modeling.heads import FOCAL_HEAD_REGISTRY
 
     p = []
@@ -319,6 +320,10 @@ def check_config(cfg, world_size=None):
                  "ratio (0.25 = the paper's OHEM 1:3).")
     if not 0 < focal.OHEM.NMS_THRESH <= 1:
         p.append(f"MODEL.FOCAL.OHEM.NMS_THRESH={focal.OHEM.NMS_THRESH} must be in (0, 1].")
+    for key, allowed in (("NMS_GROUPS", OHEM_NMS_GROUPS), ("BOX_LOSS", OHEM_BOX_LOSS),
+                         ("NORMALIZER", OHEM_NORMALIZER)):  # fmt: skip
+        if focal.OHEM[key] not in allowed:
+            p.append(f"MODEL.FOCAL.OHEM.{key}={focal.OHEM[key]!r} must be one of {allowed}.")
     lq = focal.MATCHER.LOW_QUALITY_MATCHES
     if lq not in ("detectron2", "detectron", "none"):
         p.append(f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={lq!r} must be one of "

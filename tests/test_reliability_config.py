@@ -96,6 +96,9 @@ def test_project_configs_pass_the_checks():
     [
         ("MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE", 0, "BATCH_SIZE_PER_IMAGE=0 must be > 0"),
         ("MODEL.FOCAL.OHEM.POSITIVE_FRACTION", 1.5, "POSITIVE_FRACTION=1.5 must be in"),
+        ("MODEL.FOCAL.OHEM.NMS_GROUPS", "class", "NMS_GROUPS='class' must be one of ('all'"),
+        ("MODEL.FOCAL.OHEM.BOX_LOSS", "all", "BOX_LOSS='all' must be one of ('foreground'"),
+        ("MODEL.FOCAL.OHEM.NORMALIZER", "num_fg", "NORMALIZER='num_fg' must be one of"),
         ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", -1.0, "FOCAL_LOSS_GAMMA=-1.0 must be >= 0"),
         ("MODEL.FOCAL.LOSS.STAR_GAMMA", 0.0, "STAR_GAMMA=0.0 must be > 0"),
         ("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbon", "Did you mean 'build_resnet_fpn_ba"),
