@@ -35,8 +35,10 @@ def add_focal_config(cfg):
     # FL*: p*_t = sigmoid(gamma * x_t + beta), FL* = -log(p*_t) / gamma (Appendix A, Table 3).
     _C.MODEL.FOCAL.LOSS.STAR_GAMMA = 2.0
     _C.MODEL.FOCAL.LOSS.STAR_BETA = 1.0
-    # Implementation of the fused loss: "auto" (fastest available for the device), "compiled"
-    # (torch.compile, error if unavailable), "eager" (plain PyTorch). All give the same values.
+    # Implementation of the fused loss: "compiled" (torch.compile; error if it fails), "eager"
+    # (plain PyTorch in chunks, no warm-up), "auto" (compiled for large float32/16 logits, else
+    # eager; eager for good after a compile failure, warned once). Same values; details in
+    # focal_det/losses/functional.py.
     _C.MODEL.FOCAL.LOSS.IMPL = "auto"
     # Loss normaliser = number of foreground anchors. 0.0: the paper / Detectron (this batch's
     # count, at least 1). 0.9: detectron2's EMA of that count, starting at 100.

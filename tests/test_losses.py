@@ -16,6 +16,7 @@ import focal_det
 from focal_det.losses import (
     balanced_sigmoid_ce,
     build_classification_loss,
+    per_anchor_ce_from_labels,
     select_ohem_anchors,
     sigmoid_focal_loss,
     sigmoid_focal_loss_star,
@@ -30,19 +31,26 @@ def _data(n=40, k=5, dtype=torch.float64, scale=4.0, seed=0):
     return x, t
 
 
-# --- closed forms, written straight from PAPER.md with p_t from an explicit sigmoid -----------
+# --- closed forms, written straight from PAPER.md --------------------------------------------
 def _closed_form(x, t, alpha, gamma, kind="fl", beta=0.0):
+    """
+    FL / FL* and their Appendix-B gradients in x's dtype. p_t, 1 - p_t and log p_t are each
+    taken from one sigmoid / logsigmoid of x_t (no 1 - p cancellation), and alpha_t is built in
+    x's dtype, so that in float64 this is a reference to ~1e-15.
+    """
     y = 2 * t - 1
-    p = torch.sigmoid(x)
-    p_t = torch.where(t > 0.5, p, 1 - p)
-    a_t = torch.ones_like(x) if alpha < 0 else torch.where(t > 0.5, alpha, 1 - alpha)
+    x_t = y * x
+    a_t = torch.ones_like(x)
+    if alpha >= 0:
+        a_t = torch.full_like(x, alpha).where(t > 0.5, torch.full_like(x, 1 - alpha))
     if kind == "fl":
-        loss = -a_t * (1 - p_t) ** gamma * torch.log(p_t)
-        grad = a_t * y * (1 - p_t) ** gamma * (gamma * p_t * torch.log(p_t) + p_t - 1)
-    else:  # FL*
-        ps = torch.sigmoid(gamma * y * x + beta)
-        loss = -a_t * torch.log(ps) / gamma
-        grad = a_t * y * (ps - 1)
+        p_t, one_minus_p_t, log_p_t = torch.sigmoid(x_t), torch.sigmoid(-x_t), F.logsigmoid(x_t)
+        loss = -a_t * one_minus_p_t**gamma * log_p_t
+        grad = a_t * y * one_minus_p_t**gamma * (gamma * p_t * log_p_t - one_minus_p_t)
+    else:  # FL*: p*_t = sigmoid(gamma x_t + beta)
+        s = gamma * x_t + beta
+        loss = -a_t * F.logsigmoid(s) / gamma
+        grad = -a_t * y * torch.sigmoid(-s)  # y (p*_t - 1)
     return loss, grad
 
 
@@ -243,6 +251,68 @@ def test_gradcheck_float64_every_loss():
     ]
     for fn in checks:
         assert torch.autograd.gradcheck(fn, (x,))
+
+
+# --- float64 equals the closed form to 1e-12 for any alpha (alpha_t in the compute dtype) ------
+_LABEL_LOSSES = {
+    "FL": dict(loss="focal", gamma=2.0),
+    "FL*": dict(loss="star", gamma=2.0, beta=1.0),
+    "CE": dict(loss="focal", gamma=0.0),
+}
+
+
+def _dense_loss(name, x, t, alpha, reduction="none"):
+    if name == "FL":
+        return sigmoid_focal_loss(x, t, alpha, 2.0, reduction)
+    if name == "FL*":
+        return sigmoid_focal_loss_star(x, t, 2.0, 1.0, alpha, reduction)
+    return balanced_sigmoid_ce(x, t, alpha, reduction)
+
+
+def _labels_case(n=300, k=7, scale=4.0, seed=0, dtype=torch.float64):
+    """Logits and labels with ignored (-1), every class, and background (k) anchors."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, k, generator=g) * scale).to(dtype)
+    labels = torch.randint(-1, k + 1, (n,), generator=g)
+    onehot = F.one_hot(labels.clamp(min=0), k + 1)[:, :k].to(dtype)
+    return x, labels, onehot
+
+
+@pytest.mark.parametrize("alpha", [0.999, 0.9, 0.25, 0.01, 0.0, 1.0, -1.0])
+@pytest.mark.parametrize("name", list(_LABEL_LOSSES))
+def test_float64_equals_closed_form_to_1e12_for_any_alpha(name, alpha):
+    # alpha = 0.999 is not a float32 number: an alpha_t rounded to float32 is 5e-8 off
+    kw = _LABEL_LOSSES[name]
+    x, labels, onehot = _labels_case()
+    valid = labels >= 0
+    kind = "star" if name == "FL*" else "fl"
+    ref, ref_grad = _closed_form(x, onehot, alpha, kw["gamma"], kind, kw.get("beta", 0.0))
+
+    xd = x.clone().requires_grad_()
+    dense = _dense_loss(name, xd, onehot, alpha)
+    torch.testing.assert_close(dense, ref, rtol=1e-12, atol=0)
+    dense.sum().backward()
+    torch.testing.assert_close(xd.grad, ref_grad, rtol=1e-12, atol=0)
+
+    xl = x.clone().requires_grad_()
+    per = sigmoid_loss_from_labels(xl, labels, alpha=alpha, reduction="none", **kw)
+    torch.testing.assert_close(per[valid], ref[valid], rtol=1e-12, atol=0)
+    assert (per[~valid] == 0).all()
+    total = sigmoid_loss_from_labels(xl, labels, alpha=alpha, **kw)
+    torch.testing.assert_close(total, ref[valid].sum(), rtol=1e-12, atol=0)
+    total.backward()
+    torch.testing.assert_close(xl.grad[valid], ref_grad[valid], rtol=1e-12, atol=0)
+    assert (xl.grad[~valid] == 0).all()
+
+
+def test_per_anchor_ce_equals_closed_form():
+    # OHEM's ranking score: plain CE summed over the classes, 0 for ignored anchors
+    x, labels, onehot = _labels_case(seed=1)
+    ref = _closed_form(x, onehot, -1.0, 0.0)[0].sum(1).where(labels >= 0, torch.zeros(()))
+    torch.testing.assert_close(per_anchor_ce_from_labels(x, labels), ref, rtol=1e-12, atol=0)
+    scores = per_anchor_ce_from_labels(x.float(), labels)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, ref.float(), rtol=2e-6, atol=0)
 
 
 # --- registered modules ----------------------------------------------------------------------
