@@ -178,7 +178,7 @@ def main(argv=None):
     parser.add_argument("--confidence-threshold", type=float, default=0.3)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
-    setup_logger(name="focal_det", abbrev_name="fdet")  # warnings (skipped images) formatted
+    setup_logger(name="focal_det")  # its warnings (skipped images) formatted as detectron2's
     try:
         result = run(
             args.weights,

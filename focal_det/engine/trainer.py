@@ -256,8 +256,7 @@ def setup(args):
     default_setup(cfg, args)
     # detectron2 sets up its own loggers only: focal_det's INFO would not show, its WARNINGs
     # would come unformatted.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det",
-                 abbrev_name="fdet")  # fmt: skip
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det")
     return cfg
 
 
