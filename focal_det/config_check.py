@@ -37,6 +37,7 @@ __all__ = [
     "ConfigError",
     "check_config",
     "check_dataset_classes",
+    "flatten_keys",
     "load_yaml",
     "merge_config_file",
     "merge_config_list",
@@ -282,6 +283,17 @@ def check_config_file(cfg, path):
             meta_arch = model["META_ARCHITECTURE"]
     for file, loaded in chain:
         _check_mapping(loaded, cfg, cfg, f"in config file '{file}'", meta_arch=meta_arch)
+
+
+def flatten_keys(mapping, prefix=""):
+    """``{"SOLVER": {"BASE_LR": 0.01}}`` -> ``{"SOLVER.BASE_LR": 0.01}`` (nested dicts only)."""
+    out = {}
+    for k, v in mapping.items():
+        if isinstance(v, dict):
+            out.update(flatten_keys(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def merge_config_file(cfg, path):

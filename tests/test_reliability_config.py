@@ -25,6 +25,14 @@ def _cfg():
     return cfg
 
 
+def _set(cfg, key, value):
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
 def _write(path, text):
     path.write_text(text)
     return str(path)
@@ -109,11 +117,7 @@ def test_project_configs_pass_the_checks():
 def test_incompatible_settings_are_rejected(key, value, expect):
     cfg = tiny_cfg()
     check_config(cfg)  # the valid baseline passes
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    _set(cfg, key, value)
     with pytest.raises(ConfigError, match=expect.replace("[", r"\[").replace("(", r"\(")):
         check_config(cfg)
 
@@ -255,11 +259,7 @@ def test_a_flag_after_the_overrides_is_explained(tmp_path):
 )  # fmt: skip
 def test_rcnn_keys_on_a_retinanet_are_refused(key, value, expect):
     cfg = tiny_cfg()
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    _set(cfg, key, value)
     with pytest.raises(ConfigError, match=expect):
         check_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "RetinaNet"  # detectron2's RetinaNet ignores them as well
@@ -294,11 +294,7 @@ def test_values_that_used_to_fail_late_fail_in_check_config(key, value, expect):
     cfg.SOLVER.MAX_ITER = 100
     cfg.SOLVER.STEPS = (60, 80)
     check_config(cfg)
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    _set(cfg, key, value)
     with pytest.raises(ConfigError, match=expect):
         check_config(cfg)
 

@@ -115,3 +115,7 @@ def test_unreadable_image_is_skipped_and_16bit_is_scaled(model_dir, tmp_path, ca
     assert len(saved["images"]) == 2 and len(saved["skipped"]) == 1
     a, c = result["images"]
     assert a["detections"] and a["detections"] == c["detections"]  # scaled, not binarised
+    # Exit status 0 when some images were readable, 1 when none was.
+    good = ["--weights", str(model_dir / "model.pth"), "--output", str(tmp_path / "o2")]
+    assert demo.main(good + ["--input", str(inputs / "c_gray8.png")]) == 0
+    assert demo.main(good + ["--input", str(inputs / "b_corrupt.png")]) == 1

@@ -325,19 +325,10 @@ _VOLATILE_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.DEVICE")
 
 
 def _flat_cfg(cfg) -> Dict:
-    from focal_det.config_check import load_yaml
+    from focal_det.config_check import flatten_keys, load_yaml
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, prefix + k + "."))
-            else:
-                out[prefix + k] = v
-        return out
-
-    flat_cfg = flat(load_yaml(text=cfg.dump(), source="The planned config"))
-    return {k: v for k, v in flat_cfg.items() if k not in _VOLATILE_KEYS}
+    flat = flatten_keys(load_yaml(text=cfg.dump(), source="The planned config"))
+    return {k: v for k, v in flat.items() if k not in _VOLATILE_KEYS}
 
 
 def config_drift(run: Run) -> List[str]:

@@ -28,7 +28,7 @@ import re
 from detectron2.engine import HookBase
 from detectron2.engine.hooks import EvalHook
 
-from ..config_check import load_yaml
+from ..config_check import flatten_keys, load_yaml
 
 __all__ = [
     "EvalAfterSuccessHook",
@@ -205,20 +205,10 @@ class RunConfigHook(HookBase):
         self.saved = state.get("config")
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def config_changes(saved_yaml, cfg):
     """[(key, value in the checkpoint's config, value now)] for every key that differs."""
-    saved = _flatten(load_yaml(text=saved_yaml, source="The config stored in the checkpoint"))
-    now = _flatten(load_yaml(text=cfg.dump(), source="The run's config"))
+    saved = flatten_keys(load_yaml(text=saved_yaml, source="The config stored in the checkpoint"))
+    now = flatten_keys(load_yaml(text=cfg.dump(), source="The run's config"))
     return [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
 
 
