@@ -92,7 +92,7 @@ def load_model(weights, config_file=None, opts=()):
 
     checkpointer = Trainer.build_checkpointer(cfg, model)
     checkpointer.load(cfg.MODEL.WEIGHTS)
-    check_eval_weights(cfg, model, checkpointer)  # not another model's weights / an empty file
+    check_eval_weights(cfg, model, checkpointer, "demo.py")  # not another model's / empty weights
     model.eval()
     return model, cfg
 

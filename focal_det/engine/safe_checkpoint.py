@@ -317,15 +317,16 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
-        median = statistics.median(recent) if recent else None
-        if math.isfinite(loss) and (median is None or loss <= LOSS_EXPLOSION_FACTOR * median):
+        median = statistics.median(recent) if recent else 0.0
+        if math.isfinite(loss) and (median <= 0 or loss <= LOSS_EXPLOSION_FACTOR * median):
             self.tag_last_checkpoint(pending)
             return
         self.logger.warning(
             f"Checkpoint {pending} is not marked as the last good one: the loss on its weights "
-            f"(iteration {iteration}) is {loss:.4g}, more than {LOSS_EXPLOSION_FACTOR:g}x the "
-            f"median {median:.4g} of the previous {len(recent)} iterations: the training is "
-            f"diverging. --resume would start from {self._last_good()}."
+            f"(iteration {iteration}) is {loss:.4g}, not finite or more than "
+            f"{LOSS_EXPLOSION_FACTOR:g}x the median {median:.4g} of the previous {len(recent)} "
+            f"iterations: the training is diverging. --resume would start from "
+            f"{self._last_good()}."
         )
 
     def confirm_pending(self):

@@ -264,10 +264,11 @@ class MissingWeightsError(RuntimeError):
     """--eval-only on weights that do not hold (most of) the model."""
 
 
-def check_eval_weights(cfg, model, checkpointer):
+def check_eval_weights(cfg, model, checkpointer, command="--eval-only"):
     """
     Raise :class:`MissingWeightsError` when what ``checkpointer`` loaded leaves the head, or
     most of the model, randomly initialised (``TEST.ALLOW_MISSING_WEIGHTS True``: warn only).
+    ``command`` names what is evaluating, for the message.
     """
     inc = getattr(checkpointer, "last_incompatible", None)
     if inc is None:  # nothing was loaded
@@ -278,7 +279,7 @@ def check_eval_weights(cfg, model, checkpointer):
             return
         problem = f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} does not hold this model: {problem}"
     message = (
-        f"--eval-only: {problem}. The AP would be that of randomly initialised layers. Pass the "
+        f"{command}: {problem}. The AP would be that of randomly initialised layers. Pass the "
         "checkpoint this config trained (e.g. OUTPUT_DIR/model_final.pth; a checkpoint of "
         "another architecture, such as Faster R-CNN, or of another number of classes does not "
         "fit), or set TEST.ALLOW_MISSING_WEIGHTS True to evaluate anyway."
