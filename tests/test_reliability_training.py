@@ -278,7 +278,7 @@ def test_resume_applies_changed_solver_values_and_names_the_rest(tmp_path, caplo
     elsewhere = tmp_path / "elsewhere.pth"
     elsewhere.write_bytes(b"weights")
     argv = _argv(out, 4, 2, resume=True) + [
-        "SOLVER.BASE_LR", "0.004", "SOLVER.WEIGHT_DECAY", "0.001",
+        "SOLVER.BASE_LR", "0.004", "SOLVER.WEIGHT_DECAY", "0.001", "SOLVER.STEPS", "(3,)",
         "SEED", "8", "SOLVER.IMS_PER_BATCH", "4", "MODEL.WEIGHTS", str(elsewhere),
     ]  # fmt: skip
     cfg = setup(default_argument_parser().parse_args(argv))
@@ -295,7 +295,13 @@ def test_resume_applies_changed_solver_values_and_names_the_rest(tmp_path, caplo
     groups = trainer.optimizer.param_groups
     assert max(trainer.scheduler.base_lrs) == pytest.approx(0.004 * cfg.SOLVER.BIAS_LR_FACTOR)
     assert {g["weight_decay"] for g in groups} <= {0.001, cfg.SOLVER.WEIGHT_DECAY_NORM, 0.0}
-    assert max(g["lr"] for g in groups) <= 0.004 * cfg.SOLVER.BIAS_LR_FACTOR
+    # Iteration 2 is past the warm-up and, with the new STEPS (3,), before the decay (the old
+    # STEPS (1,) would give 0.1x): exactly the new base LR (biases: times BIAS_LR_FACTOR).
+    assert cfg.SOLVER.WARMUP_ITERS <= 2
+    assert sorted({round(g["lr"], 12) for g in groups}) == sorted(
+        {round(0.004, 12), round(0.004 * cfg.SOLVER.BIAS_LR_FACTOR, 12)}
+    )
+    assert "SOLVER.STEPS: [1] -> [3]: applied from iteration 2 on" in text
 
 
 def test_resume_with_another_number_of_classes_is_refused_with_the_alternative(tmp_path):
