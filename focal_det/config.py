@@ -106,4 +106,12 @@ def add_focal_config(cfg):
     # compact arrays, pycocotools' evaluate run N images at a time (memory measured in README
     # "Reliability"); writes instances_predictions.npz instead.
     _C.TEST.COCO_EVAL_CHUNK_IMAGES = 0
+    # --eval-only stops when MODEL.WEIGHTS lacks any head tensor or most of the model (another
+    # model's checkpoint, an empty dict): its AP would be that of random layers. True evaluates
+    # anyway, with a warning.
+    _C.TEST.ALLOW_MISSING_WEIGHTS = False
+    # A checkpoint with a parameter above this absolute value is written but not tagged as
+    # last_checkpoint (what --resume loads): healthy detectors stay below ~100, diverging
+    # ones pass 1e4 on their way to NaN (focal_det/engine/safe_checkpoint.py).
+    _C.SOLVER.CHECKPOINT_MAX_ABS_WEIGHT = 1e4
     return cfg

@@ -189,8 +189,9 @@ def test_eval_only_on_a_test_dev_style_set_writes_the_results_json(tmp_path):
         MetadataCatalog.get("fdet_engine_synth_testdev").set(
             thing_classes=list(synthetic_detection.CLASSES), json_file=gt_file
         )
+    # An untrained model (MODEL.WEIGHTS ""): --eval-only needs the flag that says it is meant.
     res = engine_main(_args(tmp, "DATASETS.TEST", "('fdet_engine_synth_testdev',)",
-                            eval_only=True))  # fmt: skip
+                            "TEST.ALLOW_MISSING_WEIGHTS", "True", eval_only=True))  # fmt: skip
     assert "bbox" not in res  # nothing to compare against
     with open(os.path.join(tmp, "out", "inference", "coco_instances_results.json")) as f:
         dets = json.load(f)
