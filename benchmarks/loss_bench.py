@@ -115,11 +115,12 @@ def demo_scale(config_file=DEMO_CONFIG):
     from detectron2.modeling import build_model
 
     from focal_det import add_focal_config
+    from focal_det.config_check import merge_config_file
     from focal_det.data.deepforest import _DEFAULT_PARAMS
 
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(str(config_file))
+    merge_config_file(cfg, str(config_file))
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS, cfg.MODEL.MOBILENET.WEIGHTS = "cpu", "", "none"
     model = build_model(cfg).eval()
     tile = _DEFAULT_PARAMS["tile_size"]  # every training image of the demo's dataset is a tile
