@@ -15,12 +15,14 @@ next to ``--weights``.
 Images are processed at the config's test size (the demo config: longest side 256 px, the 0.64
 scale of its 400 px training tiles; override INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST for other sizes).
 Writes ``<output>/<image name>.png`` (detections with score >= --confidence-threshold drawn) and
-``<output>/detections.json``.
+``<output>/detections.json``. An image that cannot be read is skipped with a warning (listed
+under "skipped" in the JSON); 16-bit grayscale images are scaled to 8 bits.
 """
 
 import argparse
 import glob
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -28,13 +30,18 @@ import cv2
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
 
 import focal_det  # noqa: F401  (registers FocalRetinaNet, the MobileNetV2-FPN, the datasets)
 from focal_det import add_focal_config
-from focal_det.config_check import merge_config_file, merge_config_list
+from focal_det.config_check import ConfigError, merge_config_file, merge_config_list
+from focal_det.data.sanitize import read_image
 from focal_det.demo_job import PRED_COLOR, draw_boxes, predict
+from focal_det.engine.safe_checkpoint import CheckpointFormatError
+from focal_det.engine.trainer import MissingWeightsError, check_eval_weights
+
+logger = logging.getLogger("focal_det.demo")
 
 BACKENDS = ("pytorch", "torchscript", "onnxruntime")
 WEIGHT_SUFFIXES = {"pytorch": (".pth", ".pkl"), "torchscript": (".ts",), "onnxruntime": (".onnx",)}
@@ -79,6 +86,7 @@ def load_config(weights, config_file=None, opts=()):
             )
     cfg = get_cfg()
     add_focal_config(cfg)
+    # Checked and safe: a config.yaml from a shared model folder is data, never code.
     merge_config_file(cfg, str(config_file))
     merge_config_list(cfg, list(opts))
     return cfg
@@ -96,7 +104,9 @@ def load_model(weights, config_file=None, opts=()):
     model = build_model(cfg)
     from focal_det.engine import Trainer
 
-    Trainer.build_checkpointer(cfg, model).load(cfg.MODEL.WEIGHTS)
+    checkpointer = Trainer.build_checkpointer(cfg, model)
+    checkpointer.load(cfg.MODEL.WEIGHTS)
+    check_eval_weights(cfg, model, checkpointer, "demo.py")  # not another model's / empty weights
     model.eval()
     return model, cfg
 
@@ -128,19 +138,29 @@ def load_detector(backend, weights, config_file=None, opts=()):
 
 def run(weights, inputs, output, config_file=None, threshold=0.3, opts=(), backend="pytorch"):
     """Detect on every input image; write pictures and detections.json. Returns the JSON dict."""
+    out_dir = Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(
+            f"--output {output} is a file: give a folder (created if missing) for the pictures "
+            "and detections.json"
+        )
     detect, cfg = load_detector(backend, weights, config_file, opts)
     paths = expand_inputs(inputs)
-    out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (
         MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None)
         if cfg.DATASETS.TEST
         else None
     )
-    result = {"weights": str(weights), "score_threshold": threshold, "images": []}
+    result = {"weights": str(weights), "score_threshold": threshold, "images": [], "skipped": []}
     used = set()
     for path in paths:
-        img = read_image(str(path), format="RGB")
+        try:
+            img = read_image(str(path), format="RGB")
+        except Exception as e:  # one bad file must not cost the detections of the others
+            logger.warning(f"Skipping {path}: it could not be read ({type(e).__name__}: {e})")
+            result["skipped"].append({"file": str(path), "error": f"{type(e).__name__}: {e}"})
+            continue
         inst = detect(img)
         keep = inst.scores >= threshold
         boxes, scores = inst.pred_boxes.tensor[keep], inst.scores[keep]
@@ -177,6 +197,8 @@ def run(weights, inputs, output, config_file=None, threshold=0.3, opts=(), backe
     with open(out_dir / "detections.json", "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out_dir / 'detections.json'}")
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} unreadable image(s): see the warnings above")
     return result
 
 
@@ -199,8 +221,9 @@ def main(argv=None):
     parser.add_argument("--confidence-threshold", type=float, default=0.3)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
+    setup_logger(name="focal_det")  # its warnings (skipped images) formatted as detectron2's
     try:
-        run(
+        result = run(
             args.weights,
             args.input,
             args.output,
@@ -209,9 +232,10 @@ def main(argv=None):
             args.opts,
             args.backend,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, NotADirectoryError, ConfigError, ValueError, MissingWeightsError,
+            CheckpointFormatError) as e:  # fmt: skip  (ValueError: --backend vs --weights)
         parser.error(str(e))
-    return 0
+    return 0 if result["images"] or not result["skipped"] else 1  # 1: no image was readable
 
 
 if __name__ == "__main__":
