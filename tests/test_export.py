@@ -111,6 +111,19 @@ def test_onnx_graph_has_dynamic_height_width_and_onnx_nms(exported):
     assert [o.name for o in proto.graph.output] == ["boxes", "scores", "classes"]
 
 
+def test_softmax_loss_model_exports_with_its_class_scores(tmp_path):
+    """The softmax focal loss's K + 1 logits: the graph ranks its class probabilities."""
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS.NAME = "SoftmaxFocalLoss"
+    model = random_detector(cfg, seed=1)
+    assert not model.sigmoid_class_scores()
+    path = export_retinanet(model, image(SAMPLE_SIZE, 0), "torchscript", str(tmp_path))
+    runner, eager = load_runner("torchscript", path), EagerRunner(model)
+    for i, size in enumerate(SIZES[:3]):
+        x = image(size, seed=30 + i)
+        assert_same(runner(x), eager(x))
+
+
 def test_compiled_head_is_refused_with_a_fix():
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.COMPILE_HEAD = True  # compiles lazily, at the first call

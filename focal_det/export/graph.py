@@ -16,7 +16,9 @@ represent them:
 1. pad the normalised image to the backbone's size divisibility (pad amounts from its shape);
 2. backbone, head; anchors from the feature shapes (the model's own anchor generator);
 3. per level, the top ``k = min(TOPK_CANDIDATES_TEST, Hi*Wi*A*K)`` logits (k from shapes), their
-   sigmoid, the boxes of those k candidates;
+   sigmoid, the boxes of those k candidates (a model whose class scores are not the sigmoid of
+   each logit, e.g. the softmax loss's, says so through ``sigmoid_class_scores()``: then its
+   ``class_scores(logits)`` are computed for every anchor and the top k of those are taken);
 4. all levels concatenated, the candidates with score > SCORE_THRESH_TEST kept (a mask);
 5. per-class NMS as ONE ``torchvision.ops.nms`` (ONNX ``NonMaxSuppression``) of the boxes shifted
    by ``class * (max coordinate + 1)``: torchvision's batched_nms coordinate trick, with the
@@ -74,6 +76,7 @@ def export_friendly_detections(
     topk_candidates: int,
     nms_thresh: float,
     max_detections: int,
+    logits: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """
     Steps 3-6 of the module docstring for one image.
@@ -81,7 +84,8 @@ def export_friendly_detections(
     Args:
         box2box_transform: the model's ``Box2BoxTransform``.
         anchors (list[Tensor]): per level (R_l, 4) XYXY anchors.
-        pred_logits (list[Tensor]): per level (R_l, K) classification logits.
+        pred_logits (list[Tensor]): per level (R_l, K) classification logits (``logits`` True:
+            the scores are their sigmoid) or class probabilities (``logits`` False).
         pred_deltas (list[Tensor]): per level (R_l, 4) box deltas.
         image_size: (H, W) of the (unpadded) input, for clipping.
 
@@ -96,7 +100,7 @@ def export_friendly_detections(
         top_logits, idx = flat.topk(_num_candidates(flat.shape[0], topk_candidates))
         anchor_idx = idx // num_classes
         boxes_l.append(box2box_transform.apply_deltas(deltas_i[anchor_idx], anchors_i[anchor_idx]))
-        scores_l.append(top_logits.sigmoid())
+        scores_l.append(top_logits.sigmoid() if logits else top_logits)
         classes_l.append(idx % num_classes)
     boxes, scores, classes = torch.cat(boxes_l), torch.cat(scores_l), torch.cat(classes_l)
 
@@ -154,16 +158,25 @@ class ExportableRetinaNet(nn.Module):
         )
         features = m.backbone(x)
         features = [features[f] for f in m.head_in_features]
-        logits, deltas = m._transpose_dense_predictions(m.head(features), [m.num_classes, 4])
+        predictions = m.head(features)
+        if hasattr(m, "_split_dense_predictions"):  # FocalRetinaNet: the loss's logit count
+            logits, deltas = m._split_dense_predictions(predictions)
+        else:  # detectron2's RetinaNet: K sigmoid logits
+            logits, deltas = m._transpose_dense_predictions(predictions, [m.num_classes, 4])
+        logits = [x[0] for x in logits]
+        sigmoid = m.sigmoid_class_scores() if hasattr(m, "sigmoid_class_scores") else True
+        if not sigmoid:  # e.g. the softmax loss's K + 1 logits -> K class probabilities
+            logits = [m.class_scores(x) for x in logits]
         anchors = [getattr(a, "tensor", a) for a in m.anchor_generator(features)]
         return export_friendly_detections(
             m.box2box_transform,
             anchors,
-            [x[0] for x in logits],
+            logits,
             [x[0] for x in deltas],
             (image.shape[-2], image.shape[-1]),
             m.test_score_thresh,
             m.test_topk_candidates,
             m.test_nms_thresh,
             m.max_detections_per_image,
+            logits=sigmoid,
         )
