@@ -5,9 +5,13 @@ detections out.
 
     python demo.py --weights output/demo/model_final.pth --input photo.png --output out/
     python demo.py --weights output/demo/model_final.pth --input 'tiles/*.png' more/ --output out/
+    # an exported model (tools/export_model.py; docs/deployment.md): same detections
+    python demo.py --backend onnxruntime --weights exported/model.onnx --input tiles/ --output out/
+    python demo.py --backend torchscript --weights exported/model.ts --input tiles/ --output out/
 
 ``--input`` takes image files, folders (their .png/.jpg/.jpeg/.tif/.tiff/.bmp files) and glob
-patterns. The config defaults to the ``config.yaml`` that training saved next to the checkpoint.
+patterns. The config defaults to the ``config.yaml`` that training (or the export tool) saved
+next to ``--weights``.
 Images are processed at the config's test size (the demo config: longest side 256 px, the 0.64
 scale of its 400 px training tiles; override INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST for other sizes).
 Writes ``<output>/<image name>.png`` (detections with score >= --confidence-threshold drawn) and
@@ -39,6 +43,9 @@ from focal_det.engine.trainer import MissingWeightsError, check_eval_weights
 
 logger = logging.getLogger("focal_det.demo")
 
+BACKENDS = ("pytorch", "torchscript", "onnxruntime")
+WEIGHT_SUFFIXES = {"pytorch": (".pth", ".pkl"), "torchscript": (".ts",), "onnxruntime": (".onnx",)}
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
@@ -63,8 +70,9 @@ def expand_inputs(inputs):
     return paths
 
 
-def load_model(weights, config_file=None, opts=()):
-    """Build the model of ``config_file`` (default: config.yaml beside ``weights``) and load it."""
+def load_config(weights, config_file=None, opts=()):
+    """The config of ``config_file`` (default: config.yaml beside ``weights``) + ``opts``, read
+    with the checked, safe merges of focal_det.config_check (not frozen)."""
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(
@@ -81,6 +89,12 @@ def load_model(weights, config_file=None, opts=()):
     # Checked and safe: a config.yaml from a shared model folder is data, never code.
     merge_config_file(cfg, str(config_file))
     merge_config_list(cfg, list(opts))
+    return cfg
+
+
+def load_model(weights, config_file=None, opts=()):
+    """Build the model of ``config_file`` (default: config.yaml beside ``weights``) and load it."""
+    cfg = load_config(weights, config_file, opts)
     # The checkpoint holds every weight: no ImageNet file needed to build the backbone.
     cfg.MODEL.MOBILENET.WEIGHTS = "none"
     cfg.MODEL.WEIGHTS = str(weights)
@@ -97,7 +111,32 @@ def load_model(weights, config_file=None, opts=()):
     return model, cfg
 
 
-def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
+def load_detector(backend, weights, config_file=None, opts=()):
+    """
+    Returns ``(detect, cfg)``: ``detect(image_rgb)`` gives CPU Instances in the image's pixels.
+    ``backend`` "pytorch" takes a checkpoint; "torchscript" / "onnxruntime" the model.ts /
+    model.onnx of tools/export_model.py (the same detections, docs/deployment.md).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: choose one of {BACKENDS}")
+    if Path(weights).suffix.lower() not in WEIGHT_SUFFIXES[backend]:
+        raise ValueError(
+            f"--backend {backend} takes a {' or '.join(WEIGHT_SUFFIXES[backend])} file, got "
+            f"--weights {weights}. A checkpoint (.pth) runs with --backend pytorch; export it "
+            "with tools/export_model.py for torchscript (model.ts) or onnxruntime (model.onnx)."
+        )
+    if backend == "pytorch":
+        model, cfg = load_model(weights, config_file, opts)
+        return (lambda img: predict(model, cfg, img)), cfg
+    from focal_det.export import detect, load_runner
+
+    cfg = load_config(weights, config_file, opts)
+    cfg.freeze()
+    runner = load_runner(backend, str(weights))
+    return (lambda img: detect(runner, cfg, img)), cfg
+
+
+def run(weights, inputs, output, config_file=None, threshold=0.3, opts=(), backend="pytorch"):
     """Detect on every input image; write pictures and detections.json. Returns the JSON dict."""
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
@@ -105,7 +144,7 @@ def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
             f"--output {output} is a file: give a folder (created if missing) for the pictures "
             "and detections.json"
         )
-    model, cfg = load_model(weights, config_file, opts)
+    detect, cfg = load_detector(backend, weights, config_file, opts)
     paths = expand_inputs(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (
@@ -122,7 +161,7 @@ def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
             logger.warning(f"Skipping {path}: it could not be read ({type(e).__name__}: {e})")
             result["skipped"].append({"file": str(path), "error": f"{type(e).__name__}: {e}"})
             continue
-        inst = predict(model, cfg, img)
+        inst = detect(img)
         keep = inst.scores >= threshold
         boxes, scores = inst.pred_boxes.tensor[keep], inst.scores[keep]
         classes = inst.pred_classes[keep]
@@ -170,8 +209,12 @@ def main(argv=None):
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument(
-        "--weights", required=True, help="checkpoint, e.g. output/demo/model_final.pth"
+        "--weights",
+        required=True,
+        help="checkpoint (output/demo/model_final.pth), or model.ts / model.onnx of "
+        "tools/export_model.py with --backend torchscript / onnxruntime",
     )
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch")
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders, globs")
     parser.add_argument("--output", required=True, help="folder for pictures + detections.json")
     parser.add_argument("--config-file", default=None, help="default: config.yaml beside --weights")
@@ -187,9 +230,10 @@ def main(argv=None):
             args.config_file,
             args.confidence_threshold,
             args.opts,
+            args.backend,
         )
-    except (FileNotFoundError, NotADirectoryError, ConfigError, MissingWeightsError,
-            CheckpointFormatError) as e:  # fmt: skip
+    except (FileNotFoundError, NotADirectoryError, ConfigError, ValueError, MissingWeightsError,
+            CheckpointFormatError) as e:  # fmt: skip  (ValueError: --backend vs --weights)
         parser.error(str(e))
     return 0 if result["images"] or not result["skipped"] else 1  # 1: no image was readable
 

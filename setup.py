@@ -42,6 +42,9 @@ setup(
     extras_require={
         "test": ["pytest", "ruff"],
         "fast-eval": ["faster-coco-eval"],
+        # tools/export_model.py, demo.py --backend onnxruntime (docs/deployment.md); the
+        # versions tested with torch 2.14.1 are pinned in requirements/constraints.txt
+        "export": ["onnx>=1.23.2", "onnxscript>=0.7.2", "onnxruntime>=1.31.1"],
     },
     include_package_data=True,
 )

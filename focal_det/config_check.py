@@ -544,6 +544,11 @@ def check_config(cfg, world_size=None):
         p.append(f"TEST.COCO_EVAL_CHUNK_IMAGES={cfg.TEST.COCO_EVAL_CHUNK_IMAGES} must be >= 0 "
                  "(0 = detectron2's COCOEvaluator, N = streaming evaluation N images at a time).")
 
+    aug = cfg.TEST.AUG
+    if aug.ENABLED and (not aug.MIN_SIZES or min(aug.MIN_SIZES) <= 0):
+        p.append(f"TEST.AUG.MIN_SIZES={tuple(aug.MIN_SIZES)} must list short sides > 0 for "
+                 f"test-time augmentation, e.g. ({cfg.INPUT.MIN_SIZE_TEST},) = the test size.")
+
     s = cfg.SOLVER
     if s.IMS_PER_BATCH <= 0:
         p.append(f"SOLVER.IMS_PER_BATCH={s.IMS_PER_BATCH} must be > 0.")

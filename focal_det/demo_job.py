@@ -80,17 +80,26 @@ def side_by_side(*images, gap=8):
     return np.concatenate(parts, axis=1)
 
 
-@torch.no_grad()
-def predict(model, cfg, image_rgb):
-    """Run ``model`` (eval mode) on one (H, W, 3) uint8 RGB image; returns CPU Instances."""
+def resize_for_test(cfg, image_rgb):
+    """
+    The model input for one (H, W, 3) uint8 RGB image: (3, H', W') uint8 in ``INPUT.FORMAT``,
+    resized as detectron2's test loader does (``ResizeShortestEdge(MIN_SIZE_TEST,
+    MAX_SIZE_TEST)``; MIN_SIZE_TEST 0 = no resize).
+    """
     from detectron2.data import transforms as T
 
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    h, w = image_rgb.shape[:2]
     img = image_rgb if cfg.INPUT.FORMAT == "RGB" else image_rgb[:, :, ::-1]
-    if cfg.INPUT.MIN_SIZE_TEST > 0:  # 0 = no resize, as detectron2's test loader
+    if cfg.INPUT.MIN_SIZE_TEST > 0:
         img = aug.get_transform(img).apply_image(img)
-    tensor = torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+@torch.no_grad()
+def predict(model, cfg, image_rgb):
+    """Run ``model`` (eval mode) on one (H, W, 3) uint8 RGB image; returns CPU Instances."""
+    h, w = image_rgb.shape[:2]
+    tensor = resize_for_test(cfg, image_rgb)
     return model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
 
 

@@ -65,6 +65,9 @@ def collect_env_info():
         ("pycocotools", _version("pycocotools", ("pycocotools",))),
         ("faster_coco_eval", _version("faster_coco_eval")),
         ("OpenCV (cv2)", _version("cv2")),
+        ("onnx", _version("onnx")),
+        ("onnxscript", _version("onnxscript")),
+        ("onnxruntime", _version("onnxruntime")),
         ("CUDA available", torch.cuda.is_available()),
         ("CPU threads (torch)", torch.get_num_threads()),
     ]

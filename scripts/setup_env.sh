@@ -65,8 +65,8 @@ else
   say "installed detectron2 from $D2_WHEEL (sha256 verified)"
 fi
 
-say "installing focal_det (editable) with its test extras"
-quiet_pip install -q -c "$CONSTRAINTS" --no-build-isolation -e ".[test]"
+say "installing focal_det (editable) with its test and export extras"
+quiet_pip install -q -c "$CONSTRAINTS" --no-build-isolation -e ".[test,export]"
 
 "$PY" -c "import focal_det, detectron2, torch; print('[setup] ok: focal_det', focal_det.__version__, '| detectron2', detectron2.__version__, '| torch', torch.__version__)"
 echo "$stamp_value" > "$stamp_file"

@@ -26,6 +26,7 @@ Everything is detectron2's ``DefaultTrainer`` except:
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.config import get_cfg
@@ -63,7 +64,7 @@ from .hooks import (
 )
 from .safe_checkpoint import weights_problem
 
-__all__ = ["Trainer", "setup", "main", "create_ddp_model"]
+__all__ = ["Trainer", "load_config", "setup", "main", "create_ddp_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,29 @@ class Trainer(DefaultTrainer):
         return create_ddp_model(model, broadcast_buffers=False)
 
     @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """
+        Evaluate ``model`` with test-time augmentation (``FocalRetinaNetWithTTA``: TEST.AUG.
+        MIN_SIZES, MAX_SIZE, FLIP), as detectron2's tools/train_net.py does for R-CNNs.
+
+        Returns:
+            the results of :meth:`test`, each key suffixed with "_TTA" (e.g. "bbox_TTA");
+            detections written to ``OUTPUT_DIR/inference_TTA``.
+        """
+        from ..modeling.test_time_augmentation import FocalRetinaNetWithTTA
+
+        logger.info("Running inference with test-time augmentation ...")
+        model = FocalRetinaNetWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict({k + "_TTA": v for k, v in res.items()})
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """
         Returns:
@@ -231,26 +255,36 @@ class Trainer(DefaultTrainer):
         return build_coco_evaluator(cfg, dataset_name, output_folder)
 
 
-def setup(args):
+def load_config(config_file, opts=(), world_size=None):
     """
-    Build the frozen config of a run from parsed command-line arguments (detectron2's
-    ``default_argument_parser``): detectron2 defaults -> focal_det keys -> ``args.config_file``
-    -> ``args.opts`` -> freeze -> ``default_setup`` (logging, config backup, seeding).
+    The checked, unfrozen config: detectron2 defaults -> focal_det keys -> ``config_file`` ->
+    ``opts`` (``KEY VALUE`` pairs) -> CPU when CUDA is absent -> :func:`check_config`.
     """
     cfg = get_cfg()
     add_focal_config(cfg)
     # Checked merges: an unknown key / wrong type names the key, its file and the closest key;
     # YAML is read with yaml.safe_load only.
-    if args.config_file:
-        merge_config_file(cfg, args.config_file)
-    merge_config_list(cfg, args.opts)
+    if config_file:
+        merge_config_file(cfg, config_file)
+    merge_config_list(cfg, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("detectron2").warning(
             "MODEL.DEVICE=%s but CUDA is not available: running on CPU instead.",
             cfg.MODEL.DEVICE,
         )
         cfg.MODEL.DEVICE = "cpu"
-    check_config(cfg, world_size=comm.get_world_size())  # settings that cannot work together
+    check_config(cfg, world_size=world_size)  # settings that cannot work together
+    return cfg
+
+
+def setup(args):
+    """
+    Build the frozen config of a run from parsed command-line arguments (detectron2's
+    ``default_argument_parser``): :func:`load_config` of ``args.config_file`` and ``args.opts``
+    -> the datasets' classes checked -> freeze -> ``default_setup`` (logging, config backup,
+    seeding).
+    """
+    cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     check_dataset_classes(cfg)  # NUM_CLASSES against the registered datasets' classes
     cfg.freeze()
     default_setup(cfg, args)
@@ -292,7 +326,9 @@ def check_eval_weights(cfg, model, checkpointer, command="--eval-only"):
 def main(args, trainer_cls=Trainer):
     """
     Train (``trainer.train()``) or, with ``args.eval_only``, evaluate ``MODEL.WEIGHTS`` on
-    ``DATASETS.TEST``. Call it through detectron2's ``launch`` for multi-process runs.
+    ``DATASETS.TEST``; with ``TEST.AUG.ENABLED`` also with test-time augmentation
+    (:meth:`Trainer.test_with_TTA`, results keyed "bbox_TTA"). Call it through detectron2's
+    ``launch`` for multi-process runs.
 
     Returns:
         the evaluation results (dict) on the main process (None when training without
@@ -305,10 +341,16 @@ def main(args, trainer_cls=Trainer):
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         check_eval_weights(cfg, model, checkpointer)
         res = trainer_cls.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(trainer_cls.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
 
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:  # after training, as detectron2's tools/train_net.py
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer_cls.test_with_TTA(cfg, trainer.model))]
+        )
     return trainer.train()
