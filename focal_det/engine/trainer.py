@@ -25,7 +25,11 @@ import weakref
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetMapper, build_detection_test_loader
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
@@ -35,6 +39,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_focal_config
 from ..config_check import check_config, merge_config_file, merge_config_list
+from ..data.augment import build_train_augmentations
 from ..data.resumable import build_resumable_train_loader
 from ..data.sanitize import FileNamingMapper, check_dataset_files, load_dataset_dicts
 from ..evaluation import build_coco_evaluator
@@ -124,10 +129,12 @@ class Trainer(DefaultTrainer):
         Returns:
             detectron2's train loader over the sanitised dataset (degenerate boxes dropped,
             unreadable images named), with a data stream that ``--resume`` continues exactly
-            (``focal_det.data.resumable``); detectron2's own loader for samplers other than
-            ``TrainingSampler``.
+            (``focal_det.data.resumable``); detectron2's own loader, over the same sanitised
+            dataset and mapper, for samplers other than ``TrainingSampler``.
         """
-        mapper = FileNamingMapper(DatasetMapper(cfg, True))
+        mapper = FileNamingMapper(
+            DatasetMapper(cfg, True, augmentations=build_train_augmentations(cfg))
+        )
         dicts = load_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
@@ -136,7 +143,7 @@ class Trainer(DefaultTrainer):
                 f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: --resume will not "
                 "continue the data stream exactly (only TrainingSampler does)."
             )
-            return super().build_train_loader(cfg)
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
         return build_resumable_train_loader(cfg, dicts, mapper)[0]
 
     @classmethod
