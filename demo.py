@@ -11,12 +11,14 @@ patterns. The config defaults to the ``config.yaml`` that training saved next to
 Images are processed at the config's test size (the demo config: longest side 256 px, the 0.64
 scale of its 400 px training tiles; override INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST for other sizes).
 Writes ``<output>/<image name>.png`` (detections with score >= --confidence-threshold drawn) and
-``<output>/detections.json``.
+``<output>/detections.json``. An image that cannot be read is skipped with a warning (listed
+under "skipped" in the JSON); 16-bit grayscale images are scaled to 8 bits.
 """
 
 import argparse
 import glob
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -24,12 +26,18 @@ import cv2
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
 
 import focal_det  # noqa: F401  (registers FocalRetinaNet, the MobileNetV2-FPN, the datasets)
 from focal_det import add_focal_config
+from focal_det.config_check import ConfigError, merge_config_file, merge_config_list
+from focal_det.data.sanitize import read_image
 from focal_det.demo_job import PRED_COLOR, draw_boxes, predict
+from focal_det.engine.safe_checkpoint import CheckpointFormatError
+from focal_det.engine.trainer import MissingWeightsError, check_eval_weights
+
+logger = logging.getLogger("focal_det.demo")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -70,8 +78,9 @@ def load_model(weights, config_file=None, opts=()):
             )
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
+    # Checked and safe: a config.yaml from a shared model folder is data, never code.
+    merge_config_file(cfg, str(config_file))
+    merge_config_list(cfg, list(opts))
     # The checkpoint holds every weight: no ImageNet file needed to build the backbone.
     cfg.MODEL.MOBILENET.WEIGHTS = "none"
     cfg.MODEL.WEIGHTS = str(weights)
@@ -81,26 +90,38 @@ def load_model(weights, config_file=None, opts=()):
     model = build_model(cfg)
     from focal_det.engine import Trainer
 
-    Trainer.build_checkpointer(cfg, model).load(cfg.MODEL.WEIGHTS)
+    checkpointer = Trainer.build_checkpointer(cfg, model)
+    checkpointer.load(cfg.MODEL.WEIGHTS)
+    check_eval_weights(cfg, model, checkpointer, "demo.py")  # not another model's / empty weights
     model.eval()
     return model, cfg
 
 
 def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
     """Detect on every input image; write pictures and detections.json. Returns the JSON dict."""
+    out_dir = Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(
+            f"--output {output} is a file: give a folder (created if missing) for the pictures "
+            "and detections.json"
+        )
     model, cfg = load_model(weights, config_file, opts)
     paths = expand_inputs(inputs)
-    out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (
         MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None)
         if cfg.DATASETS.TEST
         else None
     )
-    result = {"weights": str(weights), "score_threshold": threshold, "images": []}
+    result = {"weights": str(weights), "score_threshold": threshold, "images": [], "skipped": []}
     used = set()
     for path in paths:
-        img = read_image(str(path), format="RGB")
+        try:
+            img = read_image(str(path), format="RGB")
+        except Exception as e:  # one bad file must not cost the detections of the others
+            logger.warning(f"Skipping {path}: it could not be read ({type(e).__name__}: {e})")
+            result["skipped"].append({"file": str(path), "error": f"{type(e).__name__}: {e}"})
+            continue
         inst = predict(model, cfg, img)
         keep = inst.scores >= threshold
         boxes, scores = inst.pred_boxes.tensor[keep], inst.scores[keep]
@@ -137,6 +158,8 @@ def run(weights, inputs, output, config_file=None, threshold=0.3, opts=()):
     with open(out_dir / "detections.json", "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out_dir / 'detections.json'}")
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} unreadable image(s): see the warnings above")
     return result
 
 
@@ -155,8 +178,9 @@ def main(argv=None):
     parser.add_argument("--confidence-threshold", type=float, default=0.3)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
+    setup_logger(name="focal_det")  # its warnings (skipped images) formatted as detectron2's
     try:
-        run(
+        result = run(
             args.weights,
             args.input,
             args.output,
@@ -164,9 +188,10 @@ def main(argv=None):
             args.confidence_threshold,
             args.opts,
         )
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError, ConfigError, MissingWeightsError,
+            CheckpointFormatError) as e:  # fmt: skip
         parser.error(str(e))
-    return 0
+    return 0 if result["images"] or not result["skipped"] else 1  # 1: no image was readable
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ setup(
     version=get_version(),
     description="Focal Loss for Dense Object Detection (RetinaNet): every loss of the paper, "
     "its configs and tools, as a detectron2 plugin",
-    packages=find_packages(exclude=("tests", "tests.*", "configs", "tools", "benchmarks")),
+    packages=find_packages(exclude=("tests", "tests.*", "configs", "tools", "benchmarks"))
+    + ["focal_det.model_zoo.configs"],
+    # The repository's configs/ (the one source) ships as focal_det/model_zoo/configs, as
+    # detectron2's model_zoo/configs: model_zoo.get_config_file and the demo job then work from
+    # a wheel or a non-editable install too. Mapped, not copied: nothing to keep in sync.
+    package_dir={"focal_det.model_zoo.configs": "configs"},
+    package_data={"focal_det.model_zoo.configs": ["*.yaml", "**/*.yaml"]},
     python_requires=">=3.9",
     # detectron2 is deliberately not listed: it is not on PyPI under its own name. Install it
     # from source (its INSTALL.md) or let scripts/setup_env.sh install the registry wheel.

@@ -20,6 +20,7 @@ from detectron2.engine import default_argument_parser, launch
 
 import focal_det  # noqa: F401  (registers FocalRetinaNet, heads, losses)
 from focal_det.engine import main as _main
+from focal_det.engine.launch import dist_url_problem
 
 
 def main(args):
@@ -27,8 +28,12 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    args = parser.parse_args()
     print("Command Line Args:", args)
+    problem = dist_url_problem(args)  # a busy port: say so before spawning workers
+    if problem:
+        parser.error(problem)
     launch(
         main,
         args.num_gpus,

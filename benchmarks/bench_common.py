@@ -46,14 +46,15 @@ RESULTS = REPO / "benchmarks" / "results"
 # ---------------------------------------------------------------------------------------------
 def d2_cfg(meta_arch="RetinaNet", depth=50, num_classes=80, min_size=800, max_size=1333):
     """detectron2's Base-RetinaNet config (R50-FPN, FrozenBN, FREEZE_AT=2) + our keys."""
-    from detectron2 import model_zoo
     from detectron2.config import get_cfg
 
     from focal_det import add_focal_config
+    from focal_det.config_check import merge_detectron2_zoo_config
 
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    # detectron2's own file (its anchor sizes need eval); user configs are read as data only.
+    merge_detectron2_zoo_config(cfg, "COCO-Detection/retinanet_R_50_FPN_1x.yaml")
     cfg.MODEL.META_ARCHITECTURE = meta_arch
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""

@@ -3,6 +3,8 @@ focal_det: Focal Loss for Dense Object Detection (RetinaNet) as a detectron2 plu
 
 Importing this package registers, as a side effect:
   * the meta-architecture ``FocalRetinaNet`` in detectron2's ``META_ARCH_REGISTRY``;
+  * ``DetectronAnchorGenerator`` (Detectron's anchors) in detectron2's
+    ``ANCHOR_GENERATOR_REGISTRY``;
   * the heads in ``focal_det.modeling.FOCAL_HEAD_REGISTRY``;
   * the classification losses in ``focal_det.losses.FOCAL_LOSS_REGISTRY``;
   * the demo's ``build_mobilenet_v2_fpn_backbone`` in detectron2's ``BACKBONE_REGISTRY``;

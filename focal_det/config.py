@@ -26,14 +26,19 @@ def add_focal_config(cfg):
 
     _C.MODEL.FOCAL.LOSS = CN()
     # Name in focal_det.losses.FOCAL_LOSS_REGISTRY: "FocalLoss" (FL, Sec 3.2), "FocalLossStar"
-    # (FL*, Appendix A), "BalancedCE" (alpha-balanced CE, Sec 3.1), "OHEM" (Sec 5.1 baseline).
-    # FL and CE read alpha/gamma from MODEL.RETINANET.FOCAL_LOSS_ALPHA / FOCAL_LOSS_GAMMA.
+    # (FL*, Appendix A), "BalancedCE" (alpha-balanced CE, Sec 3.1), "OHEM" (Sec 5.1 baseline),
+    # "SoftmaxFocalLoss" (Detectron's RETINANET.SOFTMAX: FL over a softmax of K + 1 logits per
+    # anchor, background included; the head then predicts K + 1 logits and inference uses the
+    # softmax probabilities of the K classes). FL, softmax FL and CE read alpha/gamma from
+    # MODEL.RETINANET.FOCAL_LOSS_ALPHA / FOCAL_LOSS_GAMMA.
     _C.MODEL.FOCAL.LOSS.NAME = "FocalLoss"
     # FL*: p*_t = sigmoid(gamma * x_t + beta), FL* = -log(p*_t) / gamma (Appendix A, Table 3).
     _C.MODEL.FOCAL.LOSS.STAR_GAMMA = 2.0
     _C.MODEL.FOCAL.LOSS.STAR_BETA = 1.0
-    # Implementation of the fused loss: "auto" (fastest available for the device), "compiled"
-    # (torch.compile, error if unavailable), "eager" (plain PyTorch). All give the same values.
+    # Implementation of the fused loss: "compiled" (torch.compile; error if it fails), "eager"
+    # (plain PyTorch in chunks, no warm-up), "auto" (compiled for large float32/16 logits, else
+    # eager; eager for good after a compile failure, warned once). Same values; details in
+    # focal_det/losses/functional.py.
     _C.MODEL.FOCAL.LOSS.IMPL = "auto"
     # Loss normaliser = number of foreground anchors. 0.0: the paper / Detectron (this batch's
     # count, at least 1). 0.9: detectron2's EMA of that count, starting at 100.
@@ -41,13 +46,27 @@ def add_focal_config(cfg):
     # Sum the foreground count over all workers before normalising (off in the paper).
     _C.MODEL.FOCAL.LOSS.NORMALIZER_ALL_REDUCE = False
 
+    # The OHEM baseline (Sec 5.1, Table 1d); the reasons for each default: focal_det.losses.OHEM.
     _C.MODEL.FOCAL.OHEM = CN()
     # Anchors kept per image (the paper's B: 128 / 256 / 512).
     _C.MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE = 128
     # NMS IoU threshold over the anchors' boxes, scored by their loss (0.5 / 0.7).
     _C.MODEL.FOCAL.OHEM.NMS_THRESH = 0.7
-    # -1: no ratio imposed; 0.25: the paper's "OHEM 1:3" (at most 1 positive for 3 negatives).
+    # -1: no ratio, the B highest-loss survivors of NMS. 0.25: the paper's "OHEM 1:3": up to
+    # B/4 positives and 3 negatives per positive taken (P + 3P when only P < B/4 survive).
     _C.MODEL.FOCAL.OHEM.POSITIVE_FRACTION = -1.0
+    # Which anchors one NMS compares. "all": every non-ignored anchor together, as the paper
+    # ("after applying nms to all examples"): a high-loss negative can suppress an overlapping
+    # positive. "label": per gt label (background one group), a negative never suppresses a
+    # positive.
+    _C.MODEL.FOCAL.OHEM.NMS_GROUPS = "all"
+    # Box regression over "foreground": all foreground anchors (RetinaNet's, kept fixed as the
+    # paper compares OHEM with FL), or "selected": the selected ones only (OHEM's minibatch).
+    _C.MODEL.FOCAL.OHEM.BOX_LOSS = "foreground"
+    # Both losses divided by "foreground": the foreground-anchor normaliser of
+    # MODEL.FOCAL.LOSS (FL's rule), or "selected": the number of selected anchors (Fast R-CNN's
+    # minibatch mean, where OHEM comes from).
+    _C.MODEL.FOCAL.OHEM.NORMALIZER = "foreground"
 
     _C.MODEL.FOCAL.MATCHER = CN()
     # How anchors that are the best match of a box but under the foreground IoU are treated:
@@ -97,4 +116,12 @@ def add_focal_config(cfg):
     # compact arrays, pycocotools' evaluate run N images at a time (memory measured in README
     # "Reliability"); writes instances_predictions.npz instead.
     _C.TEST.COCO_EVAL_CHUNK_IMAGES = 0
+    # --eval-only stops when MODEL.WEIGHTS lacks any head tensor or most of the model (another
+    # model's checkpoint, an empty dict): its AP would be that of random layers. True evaluates
+    # anyway, with a warning.
+    _C.TEST.ALLOW_MISSING_WEIGHTS = False
+    # A checkpoint with a parameter above this absolute value is written but not tagged as
+    # last_checkpoint (what --resume loads): healthy detectors stay below ~100, diverging
+    # ones pass 1e4 on their way to NaN (focal_det/engine/safe_checkpoint.py).
+    _C.SOLVER.CHECKPOINT_MAX_ABS_WEIGHT = 1e4
     return cfg

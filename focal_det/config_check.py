@@ -11,14 +11,20 @@ config file. Here every YAML file of the chain is read with ``yaml.safe_load`` a
 against the defaults before anything is merged; the merge itself is detectron2's (so config
 versioning still works) with ``allow_unsafe=False``.
 
+Every YAML focal_det reads (configs, the ``config.yaml`` saved next to a checkpoint, tools,
+benchmarks) goes through :func:`load_yaml`: ``yaml.safe_load`` semantics, plus a refusal of keys
+written twice in one mapping (PyYAML keeps the last one silently) and of empty files.
+
 Use::
 
     cfg = get_cfg(); add_focal_config(cfg)
     merge_config_file(cfg, args.config_file)   # instead of cfg.merge_from_file
     merge_config_list(cfg, args.opts)          # instead of cfg.merge_from_list
     check_config(cfg)                          # settings that cannot work together
+    check_dataset_classes(cfg)                 # NUM_CLASSES against the registered datasets
 """
 import difflib
+import json
 import math
 import os
 
@@ -27,11 +33,99 @@ from detectron2.config import CfgNode
 from fvcore.common.config import BASE_KEY
 from yacs.config import _check_and_coerce_cfg_value_type
 
-__all__ = ["ConfigError", "check_config", "merge_config_file", "merge_config_list"]
+__all__ = [
+    "ConfigError",
+    "check_config",
+    "check_dataset_classes",
+    "flatten_keys",
+    "load_yaml",
+    "merge_config_file",
+    "merge_config_list",
+    "merge_detectron2_zoo_config",
+]
+
+# Meta-architectures that read MODEL.RETINANET (ours and detectron2's): MODEL.ROI_HEADS / RPN do
+# nothing for them, and a "did you mean" prefers their nodes.
+RETINANET_META_ARCHS = ("FocalRetinaNet", "RetinaNet")
+_RETINANET_NODES = ("MODEL.RETINANET.", "MODEL.FOCAL.")
 
 
 class ConfigError(ValueError):
     """A config key, value or combination of values that cannot be used."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The one YAML loader.
+# ---------------------------------------------------------------------------------------------
+class _StrictSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data only) that refuses a key written twice in one mapping."""
+
+
+def _construct_mapping_once(loader, node, deep=False):
+    lines = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise yaml.constructor.ConstructorError(
+                None, None,
+                f"duplicate key {key!r} (lines {lines[key]} and {line}): YAML would keep only "
+                "the last one, silently; keep one of them",
+                key_node.start_mark,
+            )  # fmt: skip
+        lines[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictSafeLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_once
+)
+
+
+def load_yaml(path=None, *, text=None, source=None):
+    """
+    Read a YAML file (or ``text``) as plain data, the one way focal_det reads YAML.
+
+    Like ``yaml.safe_load`` (no tag can build a Python object, so a file cannot run code), and
+    also refuses a key written twice in one mapping and an empty (or comment-only) document.
+
+    Returns:
+        dict: the mapping at the top of the document.
+
+    Raises:
+        ConfigError: naming the file and what is wrong with it.
+    """
+    what = source or (f"Config file '{path}'" if path is not None else "YAML text")
+    if text is None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{what} does not exist.")
+        with open(path, "r") as f:
+            text = f.read()
+    try:
+        loaded = yaml.load(text, Loader=_StrictSafeLoader)
+    except yaml.constructor.ConstructorError as e:
+        if e.problem and e.problem.startswith("duplicate key"):
+            raise ConfigError(f"{what} has a {e.problem} ({e.problem_mark}).") from None
+        raise ConfigError(
+            f"{what} uses a YAML tag that builds Python objects ({e.problem}, "
+            f"{e.problem_mark}). focal_det reads configs with yaml.safe_load only: a config "
+            "file must not be able to run code. Use plain values."
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {e}") from None
+    if loaded is None:
+        raise ConfigError(
+            f"{what} is empty (or holds only comments): there is nothing to merge. Check that "
+            "it is the file you meant (a truncated copy?); write `{}` for a deliberately empty "
+            "config."
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{what} must be a mapping of KEY: value, got a {type(loaded).__name__}."
+        )
+    return loaded
 
 
 def _all_keys(node, prefix=""):
@@ -44,40 +138,51 @@ def _all_keys(node, prefix=""):
     return out
 
 
-def closest_keys(full_key, cfg, n=3):
+def closest_keys(full_key, cfg, n=3, meta_arch=None):
     """
-    Valid keys most likely meant by ``full_key``: the same leaf name on another node (a key
-    typed on the wrong node), then difflib's closest full keys, then the closest leaf under the
-    same parent.
+    Valid keys most likely meant by ``full_key``: the key in other letter case, the same leaf
+    name on another node (a key typed on the wrong node; RetinaNet's nodes first when
+    ``meta_arch`` is a RetinaNet), then difflib's closest full keys, then the closest leaf under
+    the same parent. Comparisons ignore case: config keys are upper case.
     """
     keys = _all_keys(cfg)
-    leaf = full_key.split(".")[-1]
-    parent = full_key.rpartition(".")[0]
-    same_leaf = [k for k in keys if k.split(".")[-1] == leaf and k != full_key]
-    close_full = difflib.get_close_matches(full_key, keys, n=n, cutoff=0.6)
-    siblings = [k.split(".")[-1] for k in keys if k.rpartition(".")[0] == parent]
-    close_leaf = [
-        (parent + "." if parent else "") + s
-        for s in difflib.get_close_matches(leaf, siblings, n=n, cutoff=0.5)
+    by_upper = {k.upper(): k for k in keys}
+    key_up = full_key.upper()
+    leaf = key_up.split(".")[-1]
+    parent = key_up.rpartition(".")[0]
+    same_case = [by_upper[key_up]] if key_up in by_upper and by_upper[key_up] != full_key else []
+    same_leaf = [k for k in keys if k.split(".")[-1] == leaf and k.upper() != key_up]
+    if meta_arch in RETINANET_META_ARCHS:  # stable: otherwise detectron2's node order
+        same_leaf.sort(key=lambda k: not k.startswith(_RETINANET_NODES))
+    close_full = [
+        by_upper[k] for k in difflib.get_close_matches(key_up, list(by_upper), n=n, cutoff=0.6)
     ]
+    siblings = [k for k in keys if k.rpartition(".")[0].upper() == parent]
+    sibling_leaves = {k.split(".")[-1]: k for k in siblings}
+    close_leaf = [
+        sibling_leaves[s] for s in difflib.get_close_matches(leaf, list(sibling_leaves), n=n,
+                                                             cutoff=0.5)
+    ]  # fmt: skip
     out = []
-    for k in same_leaf + close_full + close_leaf:
+    for k in same_case + same_leaf + close_full + close_leaf:
         if k not in out:
             out.append(k)
     return out[:n]
 
 
-def _unknown_key_error(full_key, source, cfg):
-    guesses = closest_keys(full_key, cfg)
+def _unknown_key_error(full_key, source, cfg, meta_arch=None):
+    guesses = closest_keys(full_key, cfg, meta_arch=meta_arch)
     if guesses:
         hint = f"Did you mean '{guesses[0]}'?"
+        if guesses[0].upper() == full_key.upper():
+            hint += " (config keys are upper case)"
         if len(guesses) > 1:
             hint += f" (other close keys: {', '.join(guesses[1:])})"
     else:
         parent = full_key.rpartition(".")[0]
         node = cfg
         for p in parent.split(".") if parent else []:
-            node = node.get(p) if isinstance(node, CfgNode) else None
+            node = node.get(p.upper()) if isinstance(node, CfgNode) else None
         valid = sorted(node.keys()) if isinstance(node, CfgNode) else sorted(cfg.keys())
         hint = f"No close match; valid keys under '{parent or '<root>'}': {valid}"
     return ConfigError(f"Unknown config key '{full_key}' {source}. {hint}")
@@ -103,7 +208,7 @@ def _check_value(value, default, full_key, source):
         ) from None
 
 
-def _check_mapping(loaded, node, cfg, source, prefix=""):
+def _check_mapping(loaded, node, cfg, source, prefix="", meta_arch=None):
     for k, v in loaded.items():
         full = prefix + k
         if prefix == "" and k == BASE_KEY:
@@ -117,7 +222,7 @@ def _check_mapping(loaded, node, cfg, source, prefix=""):
         if k not in node:
             if node.is_new_allowed():
                 continue
-            raise _unknown_key_error(full, source, cfg)
+            raise _unknown_key_error(full, source, cfg, meta_arch)
         default = node[k]
         if isinstance(default, CfgNode):
             if not isinstance(v, dict):
@@ -126,7 +231,7 @@ def _check_mapping(loaded, node, cfg, source, prefix=""):
                     f"({sorted(default.keys())[:6]}...) but was given the value {v!r}. Set its "
                     f"sub-keys instead, e.g. '{full}.{sorted(default.keys())[0]}'."
                 )
-            _check_mapping(v, default, cfg, source, full + ".")
+            _check_mapping(v, default, cfg, source, full + ".", meta_arch)
         else:
             if isinstance(v, dict):
                 raise ConfigError(
@@ -136,42 +241,21 @@ def _check_mapping(loaded, node, cfg, source, prefix=""):
             _check_value(CfgNode._decode_cfg_value(v), default, full, source)
 
 
-def _read_yaml_safe(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"Config file '{path}' does not exist.")
-    with open(path, "r") as f:
-        try:
-            loaded = yaml.safe_load(f)
-        except yaml.constructor.ConstructorError as e:
-            raise ConfigError(
-                f"Config file '{path}' uses a YAML tag that builds Python objects ({e.problem}, "
-                f"{e.problem_mark}). focal_det reads configs with yaml.safe_load only: a config "
-                "file must not be able to run code. Use plain values."
-            ) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(
-            f"Config file '{path}' must be a mapping of KEY: value, got a {type(loaded).__name__}."
-        )
-    return loaded
-
-
-def check_config_file(cfg, path, _seen=None):
-    """
-    Check every key and value of ``path`` and of its ``_BASE_`` chain against ``cfg``'s
-    defaults, reading YAML with ``yaml.safe_load``. Raises :class:`ConfigError`.
-    """
-    seen = set() if _seen is None else _seen
+def _read_chain(path, seen):
+    """[(path, loaded mapping)] of ``path``'s ``_BASE_`` chain, the deepest base first."""
     real = os.path.realpath(path)
     if real in seen:
         raise ConfigError(f"Config file '{path}' includes itself through _BASE_.")
     seen.add(real)
-    loaded = _read_yaml_safe(path)
-    base = loaded.get(BASE_KEY)
-    if base is not None:
+    loaded = load_yaml(path)
+    chain = []
+    if BASE_KEY in loaded:
+        base = loaded[BASE_KEY]
+        if base is None or base == "":
+            raise ConfigError(
+                f"_BASE_ in '{path}' has no value: give the base config file (a path relative "
+                "to this file) or remove the line."
+            )
         if not isinstance(base, str):
             raise ConfigError(f"_BASE_ in '{path}' must be a file name, got {base!r}.")
         base_path = os.path.expanduser(base)
@@ -182,8 +266,34 @@ def check_config_file(cfg, path, _seen=None):
                 raise ConfigError(
                     f"_BASE_ '{base}' of config file '{path}' not found (looked for {base_path})."
                 )
-            check_config_file(cfg, base_path, seen)
-    _check_mapping(loaded, cfg, cfg, f"in config file '{path}'")
+            chain = _read_chain(base_path, seen)
+    return chain + [(path, loaded)]
+
+
+def check_config_file(cfg, path):
+    """
+    Check every key and value of ``path`` and of its ``_BASE_`` chain against ``cfg``'s
+    defaults, reading YAML with :func:`load_yaml`. Raises :class:`ConfigError`.
+    """
+    chain = _read_chain(path, set())
+    meta_arch = cfg.MODEL.META_ARCHITECTURE
+    for _, loaded in chain:  # the one the chain ends with ranks the "did you mean"s
+        model = loaded.get("MODEL")
+        if isinstance(model, dict) and isinstance(model.get("META_ARCHITECTURE"), str):
+            meta_arch = model["META_ARCHITECTURE"]
+    for file, loaded in chain:
+        _check_mapping(loaded, cfg, cfg, f"in config file '{file}'", meta_arch=meta_arch)
+
+
+def flatten_keys(mapping, prefix=""):
+    """``{"SOLVER": {"BASE_LR": 0.01}}`` -> ``{"SOLVER.BASE_LR": 0.01}`` (nested dicts only)."""
+    out = {}
+    for k, v in mapping.items():
+        if isinstance(v, dict):
+            out.update(flatten_keys(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def merge_config_file(cfg, path):
@@ -193,17 +303,46 @@ def merge_config_file(cfg, path):
     return cfg
 
 
+def merge_detectron2_zoo_config(cfg, name):
+    """
+    Merge detectron2's own model-zoo config ``name`` (e.g.
+    "COCO-Detection/retinanet_R_50_FPN_1x.yaml") into ``cfg``: the benchmarks' reference.
+
+    detectron2 writes its RetinaNet anchor sizes as ``!!python/object/apply:eval``, which no
+    safe loader reads; only the files inside the installed detectron2 package, as trusted as its
+    code, are read that way here (never a config a user passes).
+    """
+    from detectron2 import model_zoo
+
+    path = os.path.realpath(model_zoo.get_config_file(name))
+    package = os.path.realpath(os.path.dirname(model_zoo.__file__))
+    if not path.startswith(package + os.sep):
+        raise ConfigError(f"{path} is not a config of the installed detectron2 package.")
+    cfg.merge_from_file(path, allow_unsafe=True)
+    return cfg
+
+
 def merge_config_list(cfg, opts, source="on the command line"):
     """
     Check then merge ``KEY VALUE`` pairs (``args.opts``) into ``cfg``. Values are parsed as
     detectron2 parses them (``ast.literal_eval``, else a string).
     """
     opts = list(opts or [])
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise ConfigError(
+            f"'{flags[0]}' is among the KEY VALUE config overrides {source}: command-line flags "
+            f"(--resume, --eval-only, --num-gpus, ...) must come before the overrides, since "
+            f"everything from the first KEY on is read as KEY VALUE pairs. Write e.g. "
+            f"`train_net.py --config-file CFG {flags[0]} KEY VALUE ...`."
+        )
     if len(opts) % 2:
         raise ConfigError(
             f"Config overrides {source} must be KEY VALUE pairs; '{opts[-1]}' has no value "
             f"(got {len(opts)} items: {opts})."
         )
+    pairs = dict(zip(opts[0::2], opts[1::2]))
+    meta_arch = pairs.get("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE)
     for full_key, raw in zip(opts[0::2], opts[1::2]):
         if cfg.key_is_deprecated(full_key):
             continue
@@ -213,7 +352,7 @@ def merge_config_list(cfg, opts, source="on the command line"):
         parts = full_key.split(".")
         for i, p in enumerate(parts):
             if not isinstance(node, CfgNode) or p not in node:
-                raise _unknown_key_error(full_key, source, cfg)
+                raise _unknown_key_error(full_key, source, cfg, meta_arch)
             if i < len(parts) - 1:
                 node = node[p]
         default = node[parts[-1]]
@@ -266,6 +405,57 @@ def _anchor_problems(cfg):
     return problems
 
 
+# What a MODEL.ROI_HEADS / MODEL.RPN key of detectron2's R-CNNs is called on a RetinaNet.
+_RCNN_TO_RETINANET = {
+    "ROI_HEADS.NUM_CLASSES": "MODEL.RETINANET.NUM_CLASSES",
+    "ROI_HEADS.SCORE_THRESH_TEST": "MODEL.RETINANET.SCORE_THRESH_TEST",
+    "ROI_HEADS.NMS_THRESH_TEST": "MODEL.RETINANET.NMS_THRESH_TEST",
+    "ROI_HEADS.IOU_THRESHOLDS": "MODEL.RETINANET.IOU_THRESHOLDS",
+    "ROI_HEADS.IOU_LABELS": "MODEL.RETINANET.IOU_LABELS",
+    "ROI_HEADS.IN_FEATURES": "MODEL.RETINANET.IN_FEATURES",
+    "ROI_HEADS.BATCH_SIZE_PER_IMAGE": "MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE (OHEM only)",
+    "ROI_HEADS.POSITIVE_FRACTION": "MODEL.FOCAL.OHEM.POSITIVE_FRACTION (OHEM only)",
+    "ROI_HEADS.NAME": "MODEL.FOCAL.HEAD_NAME",
+    "RPN.HEAD_NAME": "MODEL.FOCAL.HEAD_NAME",
+    "RPN.IN_FEATURES": "MODEL.RETINANET.IN_FEATURES",
+    "RPN.IOU_THRESHOLDS": "MODEL.RETINANET.IOU_THRESHOLDS",
+    "RPN.IOU_LABELS": "MODEL.RETINANET.IOU_LABELS",
+    "RPN.BBOX_REG_LOSS_TYPE": "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+    "RPN.BBOX_REG_WEIGHTS": "MODEL.RETINANET.BBOX_REG_WEIGHTS",
+    "RPN.SMOOTH_L1_BETA": "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA",
+    "RPN.NMS_THRESH": "MODEL.RETINANET.NMS_THRESH_TEST",
+    "RPN.PRE_NMS_TOPK_TEST": "MODEL.RETINANET.TOPK_CANDIDATES_TEST",
+    "RPN.POST_NMS_TOPK_TEST": "TEST.DETECTIONS_PER_IMAGE",
+    "RPN.BATCH_SIZE_PER_IMAGE": "MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE (OHEM only)",
+    "RPN.POSITIVE_FRACTION": "MODEL.FOCAL.OHEM.POSITIVE_FRACTION (OHEM only)",
+}
+
+
+def _same_value(a, b):
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # YAML lists, CLI tuples
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _rcnn_keys_problems(cfg):
+    """MODEL.ROI_HEADS / MODEL.RPN keys set away from detectron2's defaults on a RetinaNet."""
+    from detectron2.config import get_cfg
+
+    defaults = get_cfg().MODEL
+    p = []
+    for node in ("ROI_HEADS", "RPN"):
+        for k, v in cfg.MODEL[node].items():
+            if k in defaults[node] and not _same_value(v, defaults[node][k]):
+                use = _RCNN_TO_RETINANET.get(f"{node}.{k}")
+                fix = f"set {use} instead" if use else "RetinaNet has no such setting: remove it"
+                p.append(
+                    f"MODEL.{node}.{k}={v!r} has no effect on {cfg.MODEL.META_ARCHITECTURE} (it "
+                    f"configures detectron2's R-CNN {'box head' if node == 'ROI_HEADS' else 'RPN'}"
+                    f"): {fix}."
+                )
+    return p
+
+
 def check_config(cfg, world_size=None):
     """
     Reject settings that cannot work, before any model or data is built. Raises
@@ -274,6 +464,7 @@ def check_config(cfg, world_size=None):
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
     from .losses.build import FOCAL_LOSS_REGISTRY
+    from .losses.modules import OHEM_BOX_LOSS, OHEM_NMS_GROUPS, OHEM_NORMALIZER
     from .modeling.heads import FOCAL_HEAD_REGISTRY
 
     p = []
@@ -294,10 +485,22 @@ def check_config(cfg, world_size=None):
 
     focal = cfg.MODEL.FOCAL
     rn = cfg.MODEL.RETINANET
-    if cfg.MODEL.META_ARCHITECTURE in ("FocalRetinaNet", "RetinaNet"):
+    if cfg.MODEL.META_ARCHITECTURE in RETINANET_META_ARCHS:
         p += _anchor_problems(cfg)
+        # An error, not a warning: ROI_HEADS.NUM_CLASSES 3 would silently train 80 classes.
+        p += _rcnn_keys_problems(cfg)
     if rn.NUM_CLASSES < 1:
         p.append(f"MODEL.RETINANET.NUM_CLASSES={rn.NUM_CLASSES} must be >= 1.")
+    if not 0 < rn.PRIOR_PROB < 1:
+        p.append(f"MODEL.RETINANET.PRIOR_PROB={rn.PRIOR_PROB} must be in (0, 1): the head's "
+                 "bias starts at -log((1 - pi) / pi) (the paper uses pi = 0.01).")
+    thr, labels = list(rn.IOU_THRESHOLDS), list(rn.IOU_LABELS)
+    if not thr or not all(0 < t <= 1 for t in thr) or thr != sorted(thr):
+        p.append(f"MODEL.RETINANET.IOU_THRESHOLDS={rn.IOU_THRESHOLDS} must be increasing IoUs in "
+                 "(0, 1], background threshold first (the paper: [0.4, 0.5]).")
+    if len(labels) != len(thr) + 1 or not all(lb in (-1, 0, 1) for lb in labels):
+        p.append(f"MODEL.RETINANET.IOU_LABELS={rn.IOU_LABELS} must hold len(IOU_THRESHOLDS) + 1 "
+                 f"= {len(thr) + 1} labels from (-1, 0, 1) (the paper: [0, -1, 1]).")
     if not rn.FOCAL_LOSS_GAMMA >= 0:
         p.append(f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={rn.FOCAL_LOSS_GAMMA} must be >= 0 "
                  "(0 = cross-entropy; the paper uses 2).")
@@ -319,6 +522,10 @@ def check_config(cfg, world_size=None):
                  "ratio (0.25 = the paper's OHEM 1:3).")
     if not 0 < focal.OHEM.NMS_THRESH <= 1:
         p.append(f"MODEL.FOCAL.OHEM.NMS_THRESH={focal.OHEM.NMS_THRESH} must be in (0, 1].")
+    for key, allowed in (("NMS_GROUPS", OHEM_NMS_GROUPS), ("BOX_LOSS", OHEM_BOX_LOSS),
+                         ("NORMALIZER", OHEM_NORMALIZER)):  # fmt: skip
+        if focal.OHEM[key] not in allowed:
+            p.append(f"MODEL.FOCAL.OHEM.{key}={focal.OHEM[key]!r} must be one of {allowed}.")
     lq = focal.MATCHER.LOW_QUALITY_MATCHES
     if lq not in ("detectron2", "detectron", "none"):
         p.append(f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={lq!r} must be one of "
@@ -332,6 +539,7 @@ def check_config(cfg, world_size=None):
             p.append(f"MODEL.WEIGHTS={weights!r}: no such file (looked for {looked}). Give a "
                      "local .pth/.pkl, a URL (https://, detectron2://), or '' to start from "
                      "random weights.")
+    p += _coco_eval_problems(cfg)
     if cfg.TEST.get("COCO_EVAL_CHUNK_IMAGES", 0) < 0:
         p.append(f"TEST.COCO_EVAL_CHUNK_IMAGES={cfg.TEST.COCO_EVAL_CHUNK_IMAGES} must be >= 0 "
                  "(0 = detectron2's COCOEvaluator, N = streaming evaluation N images at a time).")
@@ -345,6 +553,12 @@ def check_config(cfg, world_size=None):
     if not (math.isfinite(s.BASE_LR) and s.BASE_LR > 0):
         p.append(f"SOLVER.BASE_LR={s.BASE_LR} must be a finite number > 0 (linear scaling "
                  "rule: the paper's 0.01 is for 16 images per batch).")
+    if s.MAX_ITER <= 0:
+        p.append(f"SOLVER.MAX_ITER={s.MAX_ITER} must be > 0 (the number of training "
+                 "iterations; the paper trains 90k iterations of 16 images).")
+    if list(s.STEPS) != sorted(set(s.STEPS)):
+        p.append(f"SOLVER.STEPS={tuple(s.STEPS)} must be increasing iterations, without "
+                 "repeats (the paper: (60000, 80000)).")
     if s.MAX_ITER in tuple(s.STEPS):
         p.append(f"SOLVER.STEPS={tuple(s.STEPS)} contains SOLVER.MAX_ITER={s.MAX_ITER}: an LR "
                  "step must come before the last iteration (fvcore rejects it at train start).")
@@ -352,3 +566,99 @@ def check_config(cfg, world_size=None):
         p.append(f"SOLVER.CHECKPOINT_PERIOD={s.CHECKPOINT_PERIOD} must be > 0.")
     if p:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(p))
+
+
+def _coco_eval_problems(cfg):
+    # FocalCOCOEvaluator would raise these too, but only when evaluation starts: after training.
+    from .evaluation.coco import COCO_EVAL_IMPLS
+
+    impl = cfg.TEST.get("COCO_EVAL_IMPL", "pycocotools")
+    if impl not in COCO_EVAL_IMPLS:
+        return [f"TEST.COCO_EVAL_IMPL={impl!r} must be one of {COCO_EVAL_IMPLS}."]
+    if impl != "faster-coco-eval":
+        return []
+    p = []
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        p.append("TEST.COCO_EVAL_IMPL='faster-coco-eval' needs the faster-coco-eval package: "
+                 "`pip install -c requirements/constraints.txt faster-coco-eval`, or use "
+                 "'pycocotools'.")
+    if cfg.TEST.DETECTIONS_PER_IMAGE != 100:
+        p.append(f"TEST.COCO_EVAL_IMPL='faster-coco-eval' reports AP at 100 detections per image;"
+                 f" TEST.DETECTIONS_PER_IMAGE={cfg.TEST.DETECTIONS_PER_IMAGE}: use 'pycocotools'.")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The config against the registered datasets.
+# ---------------------------------------------------------------------------------------------
+def _dataset_classes(name):
+    """``thing_classes`` of a registered dataset, from its metadata or its COCO json; or None."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(name)
+    classes = meta.get("thing_classes", None)
+    if classes is not None:
+        return list(classes)
+    json_file = meta.get("json_file", None)
+    if not json_file or not os.path.isfile(json_file):
+        return None  # unknown until loaded; missing files get their own message
+    with open(json_file) as f:
+        try:
+            cats = json.load(f).get("categories")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ConfigError(
+                f"Annotation file {json_file} of dataset '{name}' is not a COCO json ({e}): a "
+                "truncated download or another file? Download it again."
+            ) from None
+    if not cats:
+        return None
+    # load_coco_json's order: contiguous ids follow the sorted category ids.
+    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+
+
+def check_dataset_classes(cfg):
+    """
+    ``MODEL.RETINANET.NUM_CLASSES`` must equal the number of ``thing_classes`` of every
+    registered dataset of ``DATASETS.TRAIN`` and ``DATASETS.TEST``, checked before anything is
+    built. Too small: labels >= NUM_CLASSES are trained as background or as other classes; too
+    large: the whole schedule trains, then COCO evaluation fails on a class id the dataset
+    lacks. Datasets not (yet) registered or without known classes are not checked.
+
+    Raises:
+        ConfigError: naming the datasets, their classes and the value to set.
+    """
+    from detectron2.data import DatasetCatalog
+
+    k = cfg.MODEL.RETINANET.NUM_CLASSES
+    found = {}
+    for split in ("TRAIN", "TEST"):
+        for name in cfg.DATASETS[split]:
+            if name in DatasetCatalog.keys():
+                classes = _dataset_classes(name)
+                if classes is not None:
+                    found[name] = (split, classes)
+    wrong = {n: sc for n, sc in found.items() if len(sc[1]) != k}
+    if not wrong:
+        return
+    counts = sorted({len(c) for _, c in found.values()})
+    listed = "; ".join(
+        f"'{n}' (DATASETS.{split}) has {len(c)}: {c[:8]}{' ...' if len(c) > 8 else ''}"
+        for n, (split, c) in wrong.items()
+    )
+    if len(counts) > 1:
+        fix = (f"the datasets disagree ({counts} classes): train and test on datasets with the "
+               "same classes, then set MODEL.RETINANET.NUM_CLASSES to that number")
+    else:
+        fix = f"set MODEL.RETINANET.NUM_CLASSES {counts[0]}"
+    effect = (
+        f"labels >= {k} would be trained as background or as other classes"
+        if k < max(counts)
+        else f"the head would predict {k} classes and COCO evaluation would fail after training "
+        "on a class id the dataset does not have"
+    )
+    raise ConfigError(
+        f"MODEL.RETINANET.NUM_CLASSES={k} does not match the dataset classes: {listed}. As "
+        f"configured, {effect}. Fix: {fix}."
+    )

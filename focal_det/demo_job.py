@@ -33,14 +33,14 @@ from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
 from .data import build_deepforest_trees, register_deepforest_trees
+from .model_zoo import get_config_file
 
 __all__ = ["run_demo", "draw_boxes", "side_by_side", "main", "DEFAULT_CONFIG"]
 
 logger = logging.getLogger("focal_det.demo")
 
-DEFAULT_CONFIG = str(
-    Path(__file__).resolve().parents[1] / "configs/demo/retinanet_mobilenet_v2_trees.yaml"
-)
+# Through the model zoo, which also finds the configs of a non-editable install.
+DEFAULT_CONFIG = get_config_file("demo/retinanet_mobilenet_v2_trees.yaml")
 GT_COLOR = (0.1, 0.9, 0.1)  # green: ground truth
 PRED_COLOR = (1.0, 0.2, 0.6)  # magenta: predictions
 

@@ -238,9 +238,13 @@ def test_paper_row_hyper_parameters(rel):
     if row["loss"] == "OHEM":
         assert loss.batch_size_per_image == row["batch"]
         assert loss.nms_thresh == pytest.approx(row["nms"])
-        # "OHEM 1:3" = at most 1 positive per 3 negatives: positive fraction 1/4.
+        # "OHEM 1:3" = 1 positive per 3 negatives: positive fraction 1/4.
         expected_fraction = 1 / (1 + row["ratio"]) if row["ratio"] else -1.0
         assert loss.positive_fraction == pytest.approx(expected_fraction)
+        # Sec 5.1: "after applying nms to all examples": one NMS over positives and negatives.
+        assert loss.nms_groups == "all"
+        # Compared with FL everything else fixed: RetinaNet's box loss and normaliser.
+        assert (loss.box_loss, loss.normalizer) == ("foreground", "foreground")
 
     # Anchors: areas 32^2..512^2 on P3..P7 (strides 8..128), #scales per octave x ratios.
     sc, ar = row.get("scales_per_octave", 3), row.get("aspect_ratios", 3)
@@ -275,7 +279,12 @@ def test_full_model_builds_and_runs_on_a_tiny_image(rel):
     torch.manual_seed(0)
     model = build_model(cfg)
     head = model.head
-    assert head.cls_score.out_channels == cfg.MODEL.RETINANET.NUM_CLASSES * 9
+    # K logits per anchor (K + 1 for the softmax focal loss: the loss says how many)
+    num_logits = build_classification_loss(cfg).num_logits
+    assert num_logits == cfg.MODEL.RETINANET.NUM_CLASSES + (
+        cfg.MODEL.FOCAL.LOSS.NAME == "SoftmaxFocalLoss"
+    )
+    assert head.cls_score.out_channels == num_logits * 9
     assert head.bbox_pred.out_channels == 4 * 9
     assert len(head.cls_subnet) == 2 * cfg.MODEL.RETINANET.NUM_CONVS  # conv, ReLU pairs
     img = torch.rand(3, 64, 96) * 255

@@ -63,6 +63,8 @@ def test_default_config_keeps_detectron2s_augmentations_only():
     ]
     assert augs[2].vertical and not augs[2].horizontal
     assert (augs[4].intensity_min, augs[4].intensity_max) == (0.8, 1.2)
+    cfg.INPUT.CROP.ENABLED = True  # detectron2's crop stays first, as its DatasetMapper puts it
+    assert type(build_train_augmentations(cfg)[0]) is T.RandomCrop
 
 
 def test_bad_jitter_is_refused_with_the_key():

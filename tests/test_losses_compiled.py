@@ -1,15 +1,19 @@
 """
-The compiled (torch.compile) path of the fused losses gives the eager path's results, and one
-compilation serves every anchor / class count. Few distinct kernels are compiled on purpose
-(each costs seconds of C++ compilation on CI): FL / FL* / CE from labels, FL dense, FL bf16.
+The compiled (torch.compile) path of the fused losses gives the eager path's results and the
+closed forms', and one compilation serves every anchor / class count. Few distinct kernels are
+compiled on purpose (each costs seconds of C++ compilation on CI): FL / FL* / CE from labels
+(float32, and float64 at alpha 0.999), OHEM's per-anchor CE, FL dense, FL bf16.
 """
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from fvcore.nn import sigmoid_focal_loss as fv_focal
+from test_losses import _closed_form, _labels_case
 
 from focal_det.losses import functional as Fn
 from focal_det.losses import (
+    per_anchor_ce_from_labels,
     sigmoid_focal_loss,
     sigmoid_loss_from_labels,
 )
@@ -55,8 +59,71 @@ def test_compiled_equals_eager_from_labels_for_varying_sizes(kwargs):
         l, g = _fwd_bwd(lambda a: sigmoid_loss_from_labels(a, labels, impl="compiled", **kwargs), x)
         torch.testing.assert_close(l, ref_l, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-7)
+        # both are the float64 closed form, to float32 rounding
+        valid = labels >= 0
+        onehot = F.one_hot(labels.clamp(min=0), K + 1)[:, :K].double()
+        kind = "star" if kwargs["loss"] == "star" else "fl"
+        closed, closed_grad = _closed_form(
+            x.double(), onehot, kwargs["alpha"], kwargs["gamma"], kind, kwargs.get("beta", 0.0)
+        )
+        torch.testing.assert_close(l.double(), closed[valid].sum(), rtol=1e-5, atol=0)
+        closed_grad = torch.where(valid[:, None], closed_grad, 0.0) * 0.5
+        for grad in (g, ref_g):
+            torch.testing.assert_close(grad.double(), closed_grad, rtol=1e-4, atol=1e-7)
     # dynamic shapes: one graph for all three (M, K), not one per size
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(loss="focal", gamma=2.0),
+        dict(loss="star", gamma=2.0, beta=1.0),
+        dict(loss="focal", gamma=0.0),
+    ],
+    ids=["FL", "FLstar", "CE"],
+)
+def test_compiled_float64_equals_closed_form_at_alpha_0999(kwargs):
+    # alpha_t in the compute dtype in the compiled kernels too (0.999 is not a float32 number)
+    x, labels, onehot = _labels_case(n=200, k=6, seed=8)
+    valid = labels >= 0
+    kind = "star" if kwargs["loss"] == "star" else "fl"
+    closed, closed_grad = _closed_form(x, onehot, 0.999, kwargs["gamma"], kind,
+                                       kwargs.get("beta", 0.0))
+    l, g = _fwd_bwd(
+        lambda a: sigmoid_loss_from_labels(a, labels, alpha=0.999, impl="compiled", **kwargs),
+        x, scale=1.0,
+    )
+    torch.testing.assert_close(l, closed[valid].sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(g[valid], closed_grad[valid], rtol=1e-12, atol=0)
+    assert (g[~valid] == 0).all()
+
+
+def test_compiled_per_anchor_ce_equals_eager_and_closed_form():
+    # OHEM's ranking score (no gradient), 0 for ignored anchors
+    x, labels, onehot = _labels_case(n=700, k=9, seed=9, dtype=torch.float32)
+    compiled = per_anchor_ce_from_labels(x, labels, impl="compiled")
+    eager = per_anchor_ce_from_labels(x, labels, impl="eager")
+    closed = _closed_form(x.double(), onehot.double(), -1.0, 0.0)[0].sum(1)
+    closed = closed.where(labels >= 0, torch.zeros(()))
+    assert compiled.dtype == eager.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
+    torch.testing.assert_close(compiled.double(), closed, rtol=1e-5, atol=0)
+
+
+def test_compiled_second_backward_with_retain_graph_and_empty_inputs():
+    x, labels = _case(600, 7, 10)
+    x.requires_grad_()
+    loss = sigmoid_loss_from_labels(x, labels, alpha=0.25, gamma=2.0, impl="compiled")
+    (3 * loss).backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    (3 * loss).backward()  # buffer consumed: the compiled kernel reruns on the saved inputs
+    assert torch.equal(x.grad, first)
+    empty = torch.zeros(0, 7, requires_grad=True)
+    loss = sigmoid_loss_from_labels(empty, labels[:0], impl="compiled")  # nothing to compile
+    loss.backward()
+    assert loss.item() == 0 and empty.grad.shape == (0, 7)
 
 
 def test_compiled_dense_drop_in_equals_fvcore_and_eager():

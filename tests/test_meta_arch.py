@@ -120,6 +120,19 @@ def test_default_head_is_the_papers():
     assert head.cls_subnet[0].weight.std().item() == pytest.approx(0.01, rel=0.1)
 
 
+@pytest.mark.parametrize("loss_name", ["FocalLoss", "OHEM"])
+def test_sigmoid_losses_give_detectron2s_head_initialisation_bit_for_bit(loss_name):
+    # The head is built for the loss (its logits per anchor and prior bias): for the sigmoid
+    # losses that is detectron2's RetinaNetHead, initialised identically from the same seed.
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS.NAME = loss_name
+    ref = build(tiny_cfg("RetinaNet"), seed=4).head.state_dict()
+    got = build(cfg, seed=4).head.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
 # ---------------------------------------------------------------- 2. normaliser
 
 
@@ -328,7 +341,9 @@ def test_model_uses_configured_matcher_and_rejects_unknown_mode():
 # ---------------------------------------------------------------- 4. every loss trains
 
 
-@pytest.mark.parametrize("loss_name", ["FocalLoss", "FocalLossStar", "BalancedCE", "OHEM"])
+@pytest.mark.parametrize(
+    "loss_name", ["FocalLoss", "FocalLossStar", "BalancedCE", "OHEM", "SoftmaxFocalLoss"]
+)
 def test_each_loss_trains_end_to_end(loss_name):
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS.NAME = loss_name
@@ -356,6 +371,33 @@ def test_each_loss_trains_end_to_end(loss_name):
     assert totals[-1] < totals[0], totals
     if loss_name == "OHEM":
         assert stats, "OHEM reports how many anchors it selected"
+
+
+def test_ohem_box_loss_is_retinanets_by_default_and_the_minibatchs_as_an_option():
+    fl_model = build(tiny_cfg())
+    batch = make_batch(seed=5)
+    with EventStorage(0) as storage:
+        fl = fl_model(copy.deepcopy(batch))
+        num_fg = storage.latest()["num_pos_anchors"][0] * len(batch)
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS.NAME = "OHEM"
+    cfg.MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE = 16
+    cfg.MODEL.FOCAL.OHEM.POSITIVE_FRACTION = 0.25
+    ohem = build(cfg)
+    ohem.load_state_dict(fl_model.state_dict())
+    with EventStorage(0):
+        default = ohem(copy.deepcopy(batch))
+    # BOX_LOSS / NORMALIZER "foreground": exactly RetinaNet's box loss
+    assert torch.equal(default["loss_box_reg"], fl["loss_box_reg"])
+    ohem.cls_loss.box_loss = ohem.cls_loss.normalizer = "selected"
+    with EventStorage(0) as storage:
+        minibatch = ohem(copy.deepcopy(batch))
+        num_sel = storage.latest()["ohem_num_selected"][0] * len(batch)
+        num_pos_sel = storage.latest()["ohem_num_pos_selected"][0] * len(batch)
+    assert 0 < num_pos_sel < num_fg
+    # a sum over a subset of the foreground anchors, divided by the minibatch size
+    assert 0 < minibatch["loss_box_reg"] * num_sel < fl["loss_box_reg"] * num_fg
+    torch.testing.assert_close(minibatch["loss_cls"] * num_sel, default["loss_cls"] * num_fg)
 
 
 class RecordingLoss(DenseClassificationLoss):
@@ -471,6 +513,73 @@ def test_inference_any_image_size_and_no_detections():
         assert len(inst) == 0
         assert inst.pred_boxes.tensor.shape == (0, 4) and inst.scores.shape == (0,)
         assert inst.pred_classes.shape == (0,)
+
+
+def _softmax_model(seed=0):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS.NAME = "SoftmaxFocalLoss"
+    return build(cfg, seed)
+
+
+def test_softmax_loss_head_has_k_plus_1_logits_with_detectrons_prior():
+    model = _softmax_model()
+    L = NUM_CLASSES + 1
+    assert model.head.cls_score.out_channels == 9 * L
+    # Detectron's softmax init: every anchor at background 1 - pi, pi / K per class
+    p = model.head.cls_score.bias.detach().double().reshape(9, L).softmax(1)
+    want = torch.tensor([0.01 / NUM_CLASSES] * NUM_CLASSES + [0.99], dtype=torch.float64)
+    torch.testing.assert_close(p, want.expand(9, L), rtol=1e-6, atol=1e-8)
+    # a head built for other logits than the loss reads is a clear error, not a silent reshape
+    from focal_det.losses import SoftmaxFocalLoss
+
+    mismatched = FocalRetinaNet(tiny_cfg(), cls_loss=SoftmaxFocalLoss(num_classes=3, alpha=0.25,
+                                                                      gamma=2.0))  # fmt: skip
+    with EventStorage(0), pytest.raises(ValueError, match="classification channels"):
+        mismatched(make_batch(seed=1))
+
+
+def test_softmax_inference_ranks_the_softmax_probabilities_of_the_k_classes():
+    model = _softmax_model()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    # no NMS (IoU > 1 never happens), no top-k cap: every (anchor, class) pair above 0.3
+    model.test_nms_thresh, model.test_topk_candidates, model.test_score_thresh = 1.0, 10**6, 0.3
+    model.max_detections_per_image = 10**6
+    images = model.preprocess_image([{"image": torch.rand(3, 64, 96) * 255}])
+    with torch.no_grad():
+        feats = model.backbone(images.tensor)
+        feats = [feats[f] for f in model.head_in_features]
+        logits, deltas = model.head(feats)
+        got = model.forward_inference(images, feats, [logits, deltas])[0]
+        # the reference, from the head's raw outputs: (A * (K + 1), H, W) per level
+        L, scores, classes, boxes = NUM_CLASSES + 1, [], [], []
+        for lg, dl, an in zip(logits, deltas, model.anchor_generator(feats)):
+            H, W = lg.shape[-2:]
+            lg = lg.view(9, L, H, W).permute(2, 3, 0, 1).reshape(-1, L)  # (H W A, K + 1)
+            dl = dl.view(9, 4, H, W).permute(2, 3, 0, 1).reshape(-1, 4)
+            p = torch.softmax(lg.double(), 1)[:, :NUM_CLASSES]  # the background is the last
+            a, c = torch.nonzero(p > 0.3, as_tuple=True)
+            scores.append(p[a, c])
+            classes.append(c)
+            boxes.append(model.box2box_transform.apply_deltas(dl[a], an.tensor[a]))
+    scores, classes, boxes = torch.cat(scores), torch.cat(classes), torch.cat(boxes)
+    assert 20 < len(got) == len(scores)
+    assert (got.scores[1:] <= got.scores[:-1]).all()  # ranked by score
+
+    def by_class_and_box(c, b):  # one (anchor, class) pair per detection: a unique key
+        order = torch.arange(len(c))
+        for key in (b[:, 3], b[:, 2], b[:, 1], b[:, 0], c.double()):
+            order = order[torch.sort(key[order], stable=True).indices]
+        return order
+
+    i = by_class_and_box(got.pred_classes, got.pred_boxes.tensor)
+    j = by_class_and_box(classes, boxes)
+    assert torch.equal(got.pred_classes[i], classes[j])
+    torch.testing.assert_close(got.pred_boxes.tensor[i], boxes[j])
+    torch.testing.assert_close(got.scores[i].double(), scores[j], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 6. mixed precision

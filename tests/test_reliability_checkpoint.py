@@ -135,3 +135,122 @@ def test_download_verified(tmp_path):
     with pytest.raises(ValueError, match="expected 0{64}"):
         download_verified(src.as_uri(), str(dst2), "0" * 64)
     assert _files(tmp_path / "cache") == ["weights.bin"]
+
+
+# ---- issue 15 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoints_honour_the_umask_like_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        ckpt = SafeDetectionCheckpointer(_model(), str(tmp_path))
+        ckpt.save("model_0000")
+        reference = tmp_path / "written_with_open"
+        with open(reference, "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (reference.stat().st_mode & 0o777) == expected  # what open() gives
+    for name in ("model_0000.pth", "last_checkpoint"):
+        assert ((tmp_path / name).stat().st_mode & 0o777) == expected, name
+
+
+def _not_checkpoints(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": _model().state_dict()}, good)
+    raw = good.read_bytes()
+    files = {
+        "empty.pth": b"",
+        "truncated.pth": raw[: len(raw) // 2],
+        "garbage.pth": b"<html>404 Not Found</html>" * 20,
+        "lfs.pth": b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 93\n",
+        "empty.pkl": b"",
+        "truncated.pkl": pickle.dumps({"blobs": {"w": np.zeros(50)}}, protocol=2)[:40],
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    return sorted(files) + ["list.pth"]
+
+
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
+    from focal_det.engine.safe_checkpoint import CheckpointFormatError
+
+    for name in _not_checkpoints(tmp_path):
+        path = str(tmp_path / name)
+        with pytest.raises(CheckpointFormatError) as e:
+            SafeDetectionCheckpointer(_model(), str(tmp_path / "out")).load(path)
+        msg = str(e.value)
+        assert path in msg, msg
+        assert "FOCAL_TRUST_PICKLE" not in msg  # broken, not unsafe: do not steer to trust
+        if name.startswith("lfs"):
+            assert "Git LFS pointer" in msg and "git lfs pull" in msg
+        else:
+            assert "is not a usable checkpoint" in msg and "truncated" in msg
+    assert "it is empty (0 bytes)" in str(
+        pytest.raises(CheckpointFormatError, SafeDetectionCheckpointer(_model()).load,
+                      str(tmp_path / "empty.pth")).value
+    )  # fmt: skip
+    assert "it holds a list, not a dict of weights" in str(
+        pytest.raises(CheckpointFormatError, SafeDetectionCheckpointer(_model()).load,
+                      str(tmp_path / "list.pth")).value
+    )  # fmt: skip
+
+
+def test_huge_weights_are_written_but_not_marked_last(tmp_path, caplog):
+    model = _model()
+    ckpt = SafeDetectionCheckpointer(model, str(tmp_path), max_abs_weight=1e4)
+    ckpt.save("model_0000")
+    with torch.no_grad():
+        model[2].weight[0, 0] = 2.5e13  # seen in a diverging run, one step before NaN
+    with caplog.at_level("WARNING"):
+        ckpt.save("model_0001")
+    assert _files(tmp_path) == ["last_checkpoint", "model_0000.pth", "model_0001.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000.pth"
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "model_0001.pth is not marked as the last good one" in msg and "2.weight 2.5e+13" in msg
+    with torch.no_grad():
+        model[2].weight[0, 0] = 0.5  # BatchNorm running stats of 1e3 are healthy: params only
+        model[1].running_var.fill_(5e4)
+    ckpt.save("model_0002")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0002.pth"
+
+
+def test_checkpoint_is_marked_last_only_after_a_healthy_next_loss(tmp_path, caplog):
+    ckpt = SafeDetectionCheckpointer(_model(), str(tmp_path), confirm_with_next_loss=True)
+    for it, loss in enumerate([1.2, 1.1, 1.0]):
+        ckpt.judge_pending(loss, it)
+    ckpt.save("model_0002")
+    assert not ckpt.has_checkpoint()  # waiting for the loss computed on its weights
+    ckpt.judge_pending(0.9, 3)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0002.pth"
+    ckpt.save("model_0003")
+    with caplog.at_level("WARNING"):
+        ckpt.judge_pending(185000.0, 4)  # the weights saved at iteration 3 give an exploded loss
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0002.pth"
+    assert "model_0003.pth is not marked as the last good one" in caplog.text
+    ckpt.save("model_0004")
+    ckpt.judge_pending(float("inf"), 5)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0002.pth"
+    ckpt.save("model_final")
+    ckpt.confirm_pending()  # training ended normally: the final weights are the result
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_weights_problem_names_missing_head_and_backbone_tensors():
+    from detectron2.modeling import build_model
+    from fvcore.common.checkpoint import _IncompatibleKeys as Inc
+    from synthetic_detection import tiny_cfg
+
+    from focal_det.engine.safe_checkpoint import weights_problem
+
+    model = build_model(tiny_cfg())
+    keys = list(model.state_dict())
+    head = [k for k in keys if k.startswith("head.")]
+    assert weights_problem(model, Inc([], [], [])) is None
+    msg = weights_problem(model, Inc(head, [], []))  # a Faster R-CNN: same backbone, no head
+    assert f"{len(head)} of {len(head)} 'head' tensors (head.cls_subnet.0.weight" in msg
+    msg = weights_problem(model, Inc(keys, [], []))  # an empty dict
+    assert f"{len(keys)} of the model's {len(keys)}" in msg and "'backbone' tensors" in msg
+    shaped = [("head.cls_score.weight", (720, 32, 3, 3), (27, 32, 3, 3))]  # other NUM_CLASSES
+    assert "head.cls_score.weight" in weights_problem(model, Inc([], [], shaped))

@@ -125,3 +125,75 @@ def test_images_without_boxes_train(tmp_path):
     assert all(v == 0 for v, _ in trainer.storage.history("loss_box_reg").values())
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()
+
+
+# ---- issue 15 ---------------------------------------------------------------------------------
+def _gray16(path, h=64, w=80):
+    """A 16-bit grayscale PNG whose values span 0..65535; returns the array written."""
+    values = (np.arange(h * w, dtype=np.int64).reshape(h, w) * 65535 // (h * w - 1))
+    values = values.astype(np.uint16)
+    Image.fromarray(values).save(path)
+    return values
+
+
+def test_16bit_png_is_refused_in_training_with_the_file_named(tmp_path):
+    from detectron2.data.detection_utils import read_image as d2_read_image
+
+    from focal_det.data.sanitize import UnsupportedImageError
+
+    path = tmp_path / "gray16.png"
+    values = _gray16(path)
+    # The fault: detectron2's reader clips every value above 255 (nearly all of them).
+    clipped = d2_read_image(str(path), format="RGB")
+    assert (clipped == 255).mean() > 0.99
+    cfg = setup(default_argument_parser().parse_args(["--config-file", QUICK]))
+    mapper = FileNamingMapper(DatasetMapper(cfg, True))
+    rec = {"file_name": str(path), "image_id": 5, "height": 64, "width": 80,
+           "annotations": [_ann([1, 1, 30, 30])]}  # fmt: skip
+    with pytest.raises(UnsupportedImageError) as e:
+        mapper(rec)
+    msg = str(e.value)
+    assert str(path) in msg and "I;16" in msg and "Convert it to 8 bits" in msg
+    assert values.max() == 65535
+
+
+def test_read_image_scales_16bit_to_8bit(tmp_path):
+    import cv2
+
+    from focal_det.data.sanitize import read_image
+
+    gray = _gray16(tmp_path / "gray16.png")
+    out = read_image(str(tmp_path / "gray16.png"), format="RGB")
+    assert out.dtype == np.uint8 and out.shape == (64, 80, 3)
+    for c in range(3):  # the reference: the 16-bit values' top byte
+        np.testing.assert_array_equal(out[:, :, c], (gray >> 8).astype(np.uint8))
+    assert read_image(str(tmp_path / "gray16.png"), format="L").shape == (64, 80, 1)
+    # 16-bit RGB: PIL itself reduces it to its top byte; read_image agrees.
+    rgb = np.stack([gray, gray[::-1], gray[:, ::-1]], -1)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb[:, :, ::-1])
+    np.testing.assert_array_equal(
+        read_image(str(tmp_path / "rgb16.png"), format="RGB"), (rgb >> 8).astype(np.uint8)
+    )
+    # 8-bit images: detectron2's reader, unchanged.
+    eight = _png(tmp_path / "eight.png")
+    from detectron2.data.detection_utils import read_image as d2_read_image
+
+    np.testing.assert_array_equal(read_image(eight, "BGR"), d2_read_image(eight, "BGR"))
+
+
+def test_annotation_file_that_is_not_json_is_named(tmp_path):
+    from focal_det.data.sanitize import AnnotationFileError
+
+    gt = tmp_path / "instances.json"
+    gt.write_text('{"images": [{"id": 1, "file_name": "a.png", "height": 10, "wid')  # truncated
+    (tmp_path / "img").mkdir()
+    name = "reliability_truncated_json"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, str(gt), str(tmp_path / "img"))
+    with pytest.raises(AnnotationFileError) as e:
+        load_dataset_dicts([name])
+    assert f"Dataset '{name}': its annotation file {gt} is not valid JSON" in str(e.value)
+    assert "truncated download" in str(e.value)
+    cfg = setup(default_argument_parser().parse_args(["--config-file", QUICK]))
+    with pytest.raises(AnnotationFileError, match=str(gt)):  # the test set's path as well
+        Trainer.build_test_loader(cfg, name)

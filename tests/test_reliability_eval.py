@@ -171,3 +171,100 @@ def test_streaming_gathers_across_two_gloo_processes(tmp_path, monkeypatch):
         register_coco_instances(name, {}, str(tmp_path / "ref_gt.json"), str(tmp_path))
     DatasetCatalog.get(name)
     _assert_same(r0["res"], _run(FocalCOCOEvaluator(name, ("bbox",), False), preds))
+
+
+# ---- issue 15 ---------------------------------------------------------------------------------
+def test_nan_ground_truth_in_the_test_set_is_reported(tmp_path, caplog):
+    gt = tmp_path / "gt.json"
+    write_fake_coco(str(gt), num_images=4)
+    data = json.loads(gt.read_text())
+    data["annotations"][0]["bbox"] = [float("nan"), 5, 10, 10]
+    data["annotations"][1]["bbox"] = [5, 5, 0, 10]  # empty
+    gt.write_text(json.dumps(data))  # json writes NaN; pycocotools reads it back
+    name = "reliability_nan_gt"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, str(gt), str(tmp_path))
+    with caplog.at_level("WARNING", logger="focal_det.evaluation.coco"):
+        FocalCOCOEvaluator(name, ("bbox",), False)
+    images = len({a["image_id"] for a in data["annotations"][:2]})
+    assert f"{name}: 2 ground-truth box(es) in {images} image(s) of {gt}" in caplog.text
+    assert "counts as a missed object" in caplog.text
+    caplog.clear()
+    good = tmp_path / "good.json"
+    write_fake_coco(str(good), num_images=4)
+    if "reliability_good_gt" not in DatasetCatalog.list():
+        register_coco_instances("reliability_good_gt", {}, str(good), str(tmp_path))
+    with caplog.at_level("WARNING", logger="focal_det.evaluation.coco"):
+        FocalCOCOEvaluator("reliability_good_gt", ("bbox",), False)
+    assert "ground-truth box" not in caplog.text
+
+
+def _faster_rcnn_state_dict():
+    """The state dict of detectron2's own Faster R-CNN (R-FPN) with the quick config's ResNet."""
+    from detectron2 import model_zoo as d2_zoo
+    from detectron2.modeling import build_model
+
+    cfg = d2_zoo.get_config("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    return build_model(cfg).state_dict()
+
+
+def _eval_args(tmp_path, weights, *extra):
+    from detectron2.engine import default_argument_parser
+    from repo_scripts import QUICK
+
+    return default_argument_parser().parse_args([
+        "--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", str(weights),
+        "DATASETS.TRAIN", "('reliability_eval_synth',)",
+        "DATASETS.TEST", "('reliability_eval_synth',)", "MODEL.RETINANET.NUM_CLASSES", "3",
+        "OUTPUT_DIR", str(tmp_path / "out"), *extra,
+    ])  # fmt: skip
+
+
+def test_eval_only_with_weights_of_another_model_fails(tmp_path):
+    import synthetic_detection
+
+    from focal_det.engine import main as engine_main
+    from focal_det.engine.trainer import MissingWeightsError
+
+    synthetic_detection.register("reliability_eval_synth", str(tmp_path / "data"), num_images=2)
+    faster = tmp_path / "faster_rcnn.pth"
+    torch.save({"model": _faster_rcnn_state_dict()}, faster)
+    with pytest.raises(MissingWeightsError) as e:
+        engine_main(_eval_args(tmp_path, faster))
+    msg = str(e.value)
+    assert f"MODEL.WEIGHTS='{faster}' does not hold this model" in msg
+    assert "'head' tensors (head.cls_subnet.0.weight" in msg  # the backbone loaded, not the head
+    assert "TEST.ALLOW_MISSING_WEIGHTS True" in msg
+    assert not (tmp_path / "out" / "inference").exists()  # no AP of a random head
+
+    empty = tmp_path / "empty_dict.pth"
+    torch.save({}, empty)
+    with pytest.raises(MissingWeightsError, match="'backbone' tensors.*'head' tensors"):
+        engine_main(_eval_args(tmp_path, empty))
+    # Who means it says so: evaluated (with a warning).
+    res = engine_main(_eval_args(tmp_path, empty, "TEST.ALLOW_MISSING_WEIGHTS", "True"))
+    assert "AP" in res["bbox"]
+
+
+def test_eval_only_with_wrong_weights_exits_non_zero(tmp_path):
+    import subprocess
+    import sys
+
+    from repo_scripts import QUICK, REPO
+
+    faster = tmp_path / "faster_rcnn.pth"
+    torch.save({"model": _faster_rcnn_state_dict()}, faster)
+    # The quick config's own test set (COCO val 100) is never read: the check comes first.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICK,
+         "--eval-only", "MODEL.WEIGHTS", str(faster), "OUTPUT_DIR", str(tmp_path / "out")],
+        cwd=str(tmp_path), env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "MissingWeightsError" in proc.stderr and "'head' tensors" in proc.stderr

@@ -5,6 +5,7 @@ checkpoint resumes from the previous one and ends with exactly the weights of an
 run (deterministic CPU settings, augmentation on).
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,3 +207,187 @@ def test_non_finite_error_names_the_loss():
         bad = "loss_cls" if "loss_cls=nan" in original else "loss_box_reg"
         assert f"iteration 9 ({bad})" in msg
         assert "calls for about 0.00125" in msg and "16x that: lower it" in msg
+
+
+# ---- issue 15: advice after a divergence that leads out of it (BAD 4) ---------------------------
+def _diverge_argv(out_dir, *extra, resume=False):
+    return ["--config-file", QUICK] + (["--resume"] if resume else []) + [
+        "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()",
+        "MODEL.RETINANET.NUM_CLASSES", "3", "OUTPUT_DIR", out_dir, "SEED", "0",
+        "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(7,)", "SOLVER.CHECKPOINT_PERIOD", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def _run(argv):
+    trainer = Trainer(setup(default_argument_parser().parse_args(argv)))
+    trainer.resume_or_load(resume="--resume" in argv)
+    trainer.train()
+    return trainer
+
+
+def test_divergence_advice_followed_literally_trains_to_the_end(tmp_path, caplog):
+    import re
+
+    synthetic_detection.register(DATASET, str(tmp_path / "data"), num_images=6)
+    out = str(tmp_path / "run")
+    # LR 1.0 for 2 images (80x the linear-scaling rule): the loss of iteration 2 is ~1e5, of
+    # iteration 3 ~1e22, NaN at iteration 4, while weights stay finite until then.
+    with pytest.raises(NonFiniteLossError) as e:
+        _run(_diverge_argv(out, "SOLVER.BASE_LR", "1.0"))
+    msg = str(e.value)
+    # Every checkpoint was written, but only the one whose weights gave a healthy loss at the
+    # next iteration is "last good" (model_0000002/3 held weights of the divergence already).
+    assert {"model_0000000.pth", "model_0000001.pth", "model_0000002.pth"} <= set(os.listdir(out))
+    last = os.path.join(out, "model_0000000.pth")
+    assert f"The last good checkpoint is {last}" in msg
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read() == "model_0000000.pth"
+
+    # 1) "run the same command again with --resume ... and <fix> added to the overrides".
+    fix = re.search(r"with --resume \(a flag: put it before the KEY VALUE overrides\) and "
+                    r"(SOLVER\.\S+ \S+) added to the overrides", msg)  # fmt: skip
+    assert fix, msg
+    assert fix.group(1) == "SOLVER.BASE_LR 0.00125"
+    with caplog.at_level("WARNING", logger="focal_det.engine.hooks"):
+        resumed = _run(_diverge_argv(out, "SOLVER.BASE_LR", "1.0", *fix.group(1).split(),
+                                     resume=True))  # fmt: skip
+    assert resumed.start_iter == 1 and resumed.iter == 8
+    assert "SOLVER.BASE_LR: 1.0 -> 0.00125: applied from iteration 1 on" in caplog.text
+    lrs = [v for v, _ in resumed.storage.history("lr").values()]
+    assert len(lrs) == 7 and max(lrs) <= 0.00125  # the new LR, warm-up included, not 1.0
+    losses = [v for v, _ in resumed.storage.history("total_loss").values()]
+    assert all(map(np.isfinite, losses)) and max(losses) < 10
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read() == "model_final.pth"
+
+    # 2) "Or start a new schedule from its weights: MODEL.WEIGHTS <ckpt> <fix>, without --resume,
+    # in a new OUTPUT_DIR."
+    alt = re.search(r"MODEL\.WEIGHTS (\S+) (SOLVER\.\S+ \S+), without --resume", msg)
+    assert alt and alt.group(1) == last
+    fresh = _run(_diverge_argv(str(tmp_path / "new"), "MODEL.WEIGHTS", alt.group(1),
+                               *alt.group(2).split()))  # fmt: skip
+    assert fresh.start_iter == 0 and fresh.iter == 8
+    assert all(map(np.isfinite, [v for v, _ in fresh.storage.history("total_loss").values()]))
+
+
+def test_resume_applies_changed_solver_values_and_names_the_rest(tmp_path, caplog):
+    synthetic_detection.register(DATASET, str(tmp_path / "data"), num_images=6)
+    out = str(tmp_path / "run")
+    _train(out, max_iter=2, period=2)
+    elsewhere = tmp_path / "elsewhere.pth"
+    elsewhere.write_bytes(b"weights")
+    argv = _argv(out, 4, 2, resume=True) + [
+        "SOLVER.BASE_LR", "0.004", "SOLVER.WEIGHT_DECAY", "0.001", "SOLVER.STEPS", "(3,)",
+        "SEED", "8", "SOLVER.IMS_PER_BATCH", "4", "MODEL.WEIGHTS", str(elsewhere),
+    ]  # fmt: skip
+    cfg = setup(default_argument_parser().parse_args(argv))
+    trainer = Trainer(cfg)
+    with caplog.at_level("WARNING", logger="focal_det.engine.hooks"):
+        trainer.resume_or_load(resume=True)
+    text = caplog.text
+    assert "SOLVER.BASE_LR: 0.01 -> 0.004: applied from iteration 2 on" in text
+    assert "SOLVER.WEIGHT_DECAY: 0.0001 -> 0.001: applied" in text
+    assert "SEED: 7 -> 8: the data stream continues with the checkpoint's seed 7" in text
+    assert "SOLVER.IMS_PER_BATCH: 2 -> 4: the resumed run is no longer the uninterrupted" in text
+    assert f"MODEL.WEIGHTS: '' -> '{elsewhere}' is ignored: --resume loads" in text
+    # detectron2 restores the checkpoint's LR and weight decay; this config's are in force.
+    groups = trainer.optimizer.param_groups
+    assert max(trainer.scheduler.base_lrs) == pytest.approx(0.004 * cfg.SOLVER.BIAS_LR_FACTOR)
+    assert {g["weight_decay"] for g in groups} <= {0.001, cfg.SOLVER.WEIGHT_DECAY_NORM, 0.0}
+    # Iteration 2 is past the warm-up and, with the new STEPS (3,), before the decay (the old
+    # STEPS (1,) would give 0.1x): exactly the new base LR (biases: times BIAS_LR_FACTOR).
+    assert cfg.SOLVER.WARMUP_ITERS <= 2
+    assert sorted({round(g["lr"], 12) for g in groups}) == sorted(
+        {round(0.004, 12), round(0.004 * cfg.SOLVER.BIAS_LR_FACTOR, 12)}
+    )
+    assert "SOLVER.STEPS: [1] -> [3]: applied from iteration 2 on" in text
+
+
+def test_resume_with_another_number_of_classes_is_refused_with_the_alternative(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from focal_det.engine.hooks import ResumeError
+
+    synthetic_detection.register(DATASET, str(tmp_path / "data"), num_images=6)
+    five = "reliability_train_5cls"
+    if five not in DatasetCatalog.list():
+        DatasetCatalog.register(five, lambda: DatasetCatalog.get(DATASET))
+        MetadataCatalog.get(five).set(thing_classes=list("abcde"))
+    out = str(tmp_path / "run")
+    _train(out, max_iter=2, period=2)
+    argv = _argv(out, 4, 2, resume=True) + [
+        "MODEL.RETINANET.NUM_CLASSES", "5", "DATASETS.TRAIN", f"('{five}',)"]
+    trainer = Trainer(setup(default_argument_parser().parse_args(argv)))
+    with pytest.raises(ResumeError) as e:  # was: a shape error inside the optimizer's step
+        trainer.resume_or_load(resume=True)
+    msg = str(e.value)
+    assert "head.cls_score.weight (27, 32, 3, 3) in the checkpoint, (45, 32, 3, 3) now" in msg
+    assert "MODEL.RETINANET.NUM_CLASSES: 3 -> 5" in msg
+    assert f"MODEL.WEIGHTS {os.path.join(out, 'model_final.pth')} without --resume" in msg
+
+
+class _NaNAtLastIteration(_NaNAtIteration3):
+    evaluated = 0
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        cls.evaluated += 1
+        return super().test(cfg, model, evaluators)
+
+
+def test_no_evaluation_after_a_failure_at_the_last_iteration(tmp_path):
+    synthetic_detection.register(DATASET, str(tmp_path / "data"), num_images=6)
+    argv = _argv(str(tmp_path / "out"), 4, 2) + ["DATASETS.TEST", f"('{DATASET}',)"]
+    trainer = _NaNAtLastIteration(setup(default_argument_parser().parse_args(argv)))
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(NonFiniteLossError, match="iteration 3"):
+        trainer.train()
+    assert _NaNAtLastIteration.evaluated == 0  # detectron2's EvalHook would evaluate here
+    assert not os.path.exists(os.path.join(str(tmp_path / "out"), "inference"))
+
+
+def test_focal_det_logs_are_formatted_into_the_log(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = "reliability_train_one_bad_box"
+    records = synthetic_detection.write_images(str(tmp_path / "data"), num_images=4)
+    records[0]["annotations"][0]["bbox"] = [10, 10, 10, 40]  # zero width: dropped, with a warning
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: records)
+        MetadataCatalog.get(name).set(thing_classes=list(synthetic_detection.CLASSES))
+    out = str(tmp_path / "out")
+    argv = _argv(out, 2, 2) + ["DATASETS.TRAIN", f"('{name}',)"]
+    Trainer(setup(default_argument_parser().parse_args(argv))).train()
+    resumed = Trainer(setup(default_argument_parser().parse_args(
+        _argv(out, 3, 2, resume=True) + ["DATASETS.TRAIN", f"('{name}',)"])))  # fmt: skip
+    resumed.resume_or_load(resume=True)
+    resumed.train()
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read()
+    # detectron2's file format: "[time] logger LEVEL: message", for focal_det's loggers too.
+    assert re.search(rf"\] focal_det\.data\.sanitize WARNING: {name}: dropped 1 degenerate", log)
+    assert re.search(r"\] focal_det\.engine\.hooks INFO: Data stream resumed at iteration 2", log)
+
+
+def test_busy_default_port_suggests_dist_url(tmp_path):
+    import socket
+    from urllib.parse import urlparse
+
+    port = urlparse(default_argument_parser().parse_args([]).dist_url).port
+    with socket.socket() as s:
+        try:  # occupy detectron2's default port (if someone else holds it, it is busy anyway)
+            s.bind(("", port))
+            s.listen(1)
+        except OSError:
+            pass
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICK,
+             "--num-gpus", "2", "OUTPUT_DIR", str(tmp_path / "out")],
+            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"port {port} is already in use on this machine" in proc.stderr
+    assert "--dist-url tcp://127.0.0.1:" in proc.stderr and "--dist-url auto" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

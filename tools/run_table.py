@@ -63,6 +63,9 @@ LOSS_KEYS = (
     "MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE",
     "MODEL.FOCAL.OHEM.NMS_THRESH",
     "MODEL.FOCAL.OHEM.POSITIVE_FRACTION",
+    "MODEL.FOCAL.OHEM.NMS_GROUPS",
+    "MODEL.FOCAL.OHEM.BOX_LOSS",
+    "MODEL.FOCAL.OHEM.NORMALIZER",
 )
 PAPER_SCALE = 600  # Table 1's train/test scale, the reference of 1e's scale mapping
 
@@ -322,18 +325,10 @@ _VOLATILE_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.DEVICE")
 
 
 def _flat_cfg(cfg) -> Dict:
-    import yaml
+    from focal_det.config_check import flatten_keys, load_yaml
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, prefix + k + "."))
-            else:
-                out[prefix + k] = v
-        return out
-
-    return {k: v for k, v in flat(yaml.safe_load(cfg.dump())).items() if k not in _VOLATILE_KEYS}
+    flat = flatten_keys(load_yaml(text=cfg.dump(), source="The planned config"))
+    return {k: v for k, v in flat.items() if k not in _VOLATILE_KEYS}
 
 
 def config_drift(run: Run) -> List[str]:
@@ -350,11 +345,11 @@ def config_drift(run: Run) -> List[str]:
 
 def _saved_cfg(path: str) -> Tuple[Dict, Optional[int]]:
     """(flattened config, SEED) a run saved (detectron2 writes ``config.yaml`` in its folder)."""
-    import yaml
     from detectron2.config import CfgNode
 
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    from focal_det.config_check import load_yaml
+
+    raw = load_yaml(path)  # the one safe YAML reader
     return _flat_cfg(CfgNode(raw)), raw.get("SEED")
 
 

@@ -9,7 +9,7 @@ degrees and photometric jitter, all detectron2 ``Augmentation`` objects, selecte
 from typing import List
 
 import numpy as np
-from detectron2.data import detection_utils as utils
+from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
 __all__ = ["RandomRot90", "Rot90Transform", "build_train_augmentations"]
@@ -59,14 +59,13 @@ class RandomRot90(T.Augmentation):
 
 def build_train_augmentations(cfg) -> List[T.Augmentation]:
     """
-    detectron2's training augmentations (``utils.build_augmentation``: ResizeShortestEdge and
-    ``INPUT.RANDOM_FLIP``) followed by those ``INPUT.EXTRA_AUG`` turns on: a vertical flip, a
-    random quarter turn, and brightness / contrast / saturation factors drawn from
-    ``[1 - x, 1 + x]``. Geometric ones come before photometric ones (order does not matter for
-    the result but keeps colour work on the final pixels).
+    detectron2's training augmentations, as its ``DatasetMapper`` builds them (``INPUT.CROP``,
+    ResizeShortestEdge, ``INPUT.RANDOM_FLIP``), followed by those ``INPUT.EXTRA_AUG`` turns on:
+    a vertical flip, a random quarter turn, and brightness / contrast / saturation factors drawn
+    from ``[1 - x, 1 + x]``.
     """
     extra = cfg.INPUT.EXTRA_AUG
-    augs = list(utils.build_augmentation(cfg, is_train=True))
+    augs = list(DatasetMapper.from_config(cfg, is_train=True)["augmentations"])
     if extra.VERTICAL_FLIP:
         augs.append(T.RandomFlip(prob=0.5, horizontal=False, vertical=True))
     if extra.ROTATE_90:

@@ -12,26 +12,40 @@ or a silent NaN:
   trains on them (every anchor is background, the box loss is 0).
 * ``FileNamingMapper``: an image that cannot be read or decoded raises an error naming the file
   (PIL's "cannot identify image file <_io.BufferedReader ...>" or "image file is truncated"
-  does not always).
+  does not always); so does a 16-bit grayscale image, which detectron2's ``read_image`` would
+  clip to 0/255 (:func:`read_image` reads it scaled to 8 bits instead: demo.py uses it).
+* An annotation file that is not JSON (truncated download) is named with its dataset
+  (:func:`naming_annotation_file`), instead of a bare ``JSONDecodeError``.
 """
 
+import contextlib
 import copy
 import itertools
+import json
 import logging
 import math
 import os
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as d2_utils
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.structures import BoxMode
+from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 __all__ = [
+    "AnnotationFileError",
     "CorruptImageError",
+    "UnsupportedImageError",
     "check_dataset_files",
     "FileNamingMapper",
     "drop_degenerate_boxes",
     "load_dataset_dicts",
     "missing_dataset_files_message",
+    "check_image_depth",
+    "naming_annotation_file",
+    "read_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +151,23 @@ def drop_degenerate_boxes(dataset_dicts, dataset_name="dataset"):
     return out
 
 
+class AnnotationFileError(ValueError):
+    """A dataset's annotation file exists but cannot be parsed."""
+
+
+@contextlib.contextmanager
+def naming_annotation_file(name):
+    """Turn a ``JSONDecodeError`` while loading dataset ``name`` into one naming its file."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        json_file = MetadataCatalog.get(name).get("json_file", "(no json_file in its metadata)")
+        raise AnnotationFileError(
+            f"Dataset '{name}': its annotation file {json_file} is not valid JSON ({e}). Is it "
+            "a truncated download, or not a COCO json at all? Download or export it again."
+        ) from e
+
+
 def load_dataset_dicts(names, *, filter_empty=True):
     """
     detectron2's ``get_detection_dataset_dicts`` for detection datasets, with a clear error for
@@ -157,7 +188,8 @@ def load_dataset_dicts(names, *, filter_empty=True):
     for name in names:
         check_dataset_files(name)
         try:
-            dicts = DatasetCatalog.get(name)
+            with naming_annotation_file(name):
+                dicts = DatasetCatalog.get(name)
         except (FileNotFoundError, OSError) as e:
             meta = MetadataCatalog.get(name)
             raise FileNotFoundError(
@@ -184,10 +216,81 @@ class CorruptImageError(RuntimeError):
     """An image file could not be read or decoded."""
 
 
+class UnsupportedImageError(CorruptImageError):
+    """An image file that decodes, but not into something detectron2's reader handles right."""
+
+
+# Single-channel PIL modes deeper than 8 bits. detectron2's read_image converts them with PIL's
+# convert("RGB"), which clips every value above 255: a 16-bit image comes out nearly binary.
+# (16-bit RGB/RGBA PNGs are fine: PIL itself opens them as 8-bit "RGB"/"RGBA".)
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_DEEP_MODES = _16BIT_MODES + ("I", "F")
+_NEVER_DEEP = (".jpg", ".jpeg")  # baseline JPEG is 8-bit: no header to peek at
+
+
+def _is_16bit(image):
+    # A PNG has no 32-bit grayscale: mode "I" from a PNG (older Pillow) is 16-bit data.
+    return image.mode in _16BIT_MODES or (image.mode == "I" and image.format == "PNG")
+
+
+def _deep_image_message(file_name, mode):
+    return (
+        f"'{file_name}' is a single-channel image with more than 8 bits per pixel (PIL mode "
+        f"{mode}), which detectron2's read_image (used by the train/test mappers) would clip to "
+        "0..255, binarising it."
+    )
+
+
+def check_image_depth(file_name):
+    """
+    Raise :class:`UnsupportedImageError` if ``file_name`` is a 16/32-bit single-channel image
+    (only its header is read).
+    """
+    if file_name.lower().endswith(_NEVER_DEEP):
+        return
+    with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
+        mode = image.mode
+    if mode in _DEEP_MODES:
+        raise UnsupportedImageError(
+            _deep_image_message(file_name, mode) + " Convert it to 8 bits first, e.g. "
+            "`PIL.Image.fromarray(focal_det.data.sanitize.read_image(path, 'L')[..., 0])"
+            ".save(new_path)` (scales 16 bits to 8, as demo.py reads such images), and point the "
+            "annotations at the converted file."
+        )
+
+
+def read_image(file_name, format="RGB"):
+    """
+    detectron2's ``read_image``, except that a 16-bit grayscale image (PNG, TIFF) is scaled to
+    8 bits (``value >> 8``, as PIL reduces 16-bit RGB PNGs) instead of clipped to 0/255.
+
+    Returns:
+        np.ndarray: (H, W, C) uint8 in ``format``.
+
+    Raises:
+        UnsupportedImageError: for 32-bit integer or float images, whose range is unknown.
+    """
+    with PathManager.open(file_name, "rb") as f:
+        image = Image.open(f)
+        if image.mode not in _DEEP_MODES:
+            image.close()
+            return d2_utils.read_image(file_name, format=format)
+        if not _is_16bit(image):
+            raise UnsupportedImageError(
+                _deep_image_message(file_name, image.mode) + " Its value range is unknown: "
+                "convert it to an 8-bit image first."
+            )
+        image = d2_utils._apply_exif_orientation(image)
+        gray = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return d2_utils.convert_PIL_to_numpy(Image.fromarray(gray.astype(np.uint8), "L"), format)
+
+
 class FileNamingMapper:
     """
     Wrap a dataset mapper so that any failure to read/decode/transform an image raises an
-    error that names the file. The wrapped mapper's result is returned unchanged.
+    error that names the file, and a 16-bit grayscale image is refused
+    (:func:`check_image_depth`) rather than clipped. The wrapped mapper's result is returned
+    unchanged.
     """
 
     def __init__(self, mapper):
@@ -195,6 +298,8 @@ class FileNamingMapper:
 
     def __call__(self, dataset_dict):
         try:
+            if "file_name" in dataset_dict:
+                check_image_depth(dataset_dict["file_name"])
             return self.mapper(dataset_dict)
         except CorruptImageError:
             raise

@@ -10,7 +10,16 @@ Checkpoints that survive a kill and files that stay data.
   truncated file. fvcore's ``Checkpointer.save`` opens the final path for writing directly.
 * **No checkpoint of broken weights.** ``save`` refuses (``FloatingPointError``) to write
   weights that contain NaN/Inf, so a run that diverges keeps its last good checkpoint as the one
-  ``--resume`` picks up.
+  ``--resume`` picks up. "Last good" is stricter than finite: a checkpoint whose parameters
+  exceed ``max_abs_weight`` (default 1e4; healthy detectors stay below ~100, diverging ones
+  reach 1e13) is written but not tagged as ``last_checkpoint``; with
+  ``confirm_with_next_loss=True`` (the Trainer's) a checkpoint is tagged only once the loss
+  computed on its weights, at the next iteration, is finite and not exploding
+  (:meth:`SafeDetectionCheckpointer.judge_pending`): weights can be small yet already give a
+  loss 1000x the previous ones, the step before NaN.
+* **Files are readable like any other.** Temporary files are created with the permissions of
+  ``open()`` (0666 minus the umask), not ``mkstemp``'s 0600, so that a serving process under
+  another user can read the checkpoints.
 * **Loading does not run code from the file.** ``.pth``/``.pyth`` files are read with
   ``torch.load(weights_only=True)`` (fvcore calls ``torch.load`` without it, which falls back to
   full unpickling when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set or on older PyTorch).
@@ -18,15 +27,20 @@ Checkpoints that survive a kill and files that stay data.
   restricted unpickler that only rebuilds numpy arrays, numpy scalars and plain containers, and
   refuses any other global (``os.system``, ...). Pass ``trust_pickle=True`` (or set
   ``FOCAL_TRUST_PICKLE=1``) only for a file from a source you trust whose format needs more:
-  it turns on full unpickling for ``.pkl`` and ``.pth`` alike.
+  it turns on full unpickling for ``.pkl`` and ``.pth`` alike. A file that is not a checkpoint
+  at all (empty, truncated, a list, a Git LFS pointer) raises :class:`CheckpointFormatError`
+  naming the file, not an unpickling or "unsafe" error.
 
 ``download_verified`` is the hash-checked download for model-zoo files.
 """
+import collections
 import hashlib
 import logging
+import math
 import os
 import pickle
-import tempfile
+import secrets
+import statistics
 import urllib.request
 
 import torch
@@ -34,6 +48,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
+    "CheckpointFormatError",
     "SafeDetectionCheckpointer",
     "UnsafeCheckpointError",
     "atomic_write_bytes",
@@ -47,6 +62,18 @@ logger = logging.getLogger(__name__)
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint asked to rebuild an object that is not plain data."""
+
+
+class CheckpointFormatError(ValueError):
+    """A weights file that is not a (complete) checkpoint: empty, truncated, another format."""
+
+
+def _not_a_checkpoint(filename, why):
+    return CheckpointFormatError(
+        f"{filename} is not a usable checkpoint: {why}. It may be truncated (an interrupted "
+        "copy or download), or another kind of file. Copy or download it again; a checkpoint "
+        "of focal_det/detectron2 is a torch.save of {'model': state_dict, ...}."
+    )
 
 
 def _fsync_dir(path):
@@ -63,6 +90,18 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _create_temp_file(folder, prefix, suffix):
+    # os.open with mode 0o666 lets the kernel apply the umask, exactly as open() does;
+    # tempfile.mkstemp would force 0600, unreadable by a server running as another user.
+    for _ in range(100):
+        path = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"Could not create a temporary file {prefix}*{suffix} in {folder}")
+
+
 def atomic_write_bytes(path, write_fn):
     """
     Write a file so that readers see either its old content or the complete new one.
@@ -73,8 +112,7 @@ def atomic_write_bytes(path, write_fn):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
+    fd, tmp = _create_temp_file(folder, "." + os.path.basename(path) + ".", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
@@ -176,19 +214,71 @@ def _non_finite_tensors(state_dict):
     return bad
 
 
+def _largest_parameters(model, state_dict, bound):
+    """[(name, max |value|)] of the parameters above ``bound``, largest first."""
+    # Parameters only: BatchNorm running variances legitimately reach 1e3 in healthy training.
+    names = {k for k, _ in model.named_parameters()}
+    big = []
+    for k, v in state_dict.items():
+        if k in names and v.numel():
+            m = float(v.detach().abs().max())
+            if m > bound:
+                big.append((k, m))
+    return sorted(big, key=lambda kv: -kv[1])
+
+
+# A loss this many times the median of the recent ones means the weights it was computed on
+# are already diverging (seen: 1.1 -> 1.8e5 -> 1e22 -> NaN): their checkpoint is not "good".
+LOSS_EXPLOSION_FACTOR = 100.0
+_LOSS_WINDOW = 20
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _check_not_empty_or_pointer(filename):
+    local = PathManager.get_local_path(filename)
+    size = os.path.getsize(local)
+    if size == 0:
+        raise _not_a_checkpoint(filename, "it is empty (0 bytes)")
+    with open(local, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointFormatError(
+            f"{filename} is a Git LFS pointer ({size} bytes), not the weights: run "
+            "`git lfs pull` in its repository, or download the file itself."
+        )
+
+
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """
     :class:`DetectionCheckpointer` with atomic saves, a refusal to save non-finite weights,
     and loading that does not execute code from the file (see the module docstring).
     """
 
-    def __init__(self, model, save_dir="", *, trust_pickle=None, **kwargs):
+    def __init__(self, model, save_dir="", *, trust_pickle=None, max_abs_weight=1e4,
+                 confirm_with_next_loss=False, **kwargs):  # fmt: skip
+        """
+        Args:
+            max_abs_weight (float): a checkpoint with a parameter above this (absolute value)
+                is written but not tagged as ``last_checkpoint``.
+            confirm_with_next_loss (bool): tag a checkpoint as ``last_checkpoint`` only when
+                :meth:`judge_pending` finds the loss computed on its weights healthy (the
+                Trainer calls it after every iteration) or :meth:`confirm_pending` is called.
+        """
         super().__init__(model, save_dir, **kwargs)
         if trust_pickle is None:
             trust_pickle = os.environ.get("FOCAL_TRUST_PICKLE", "0") == "1"
         self.trust_pickle = trust_pickle
+        self.max_abs_weight = max_abs_weight
+        self.confirm_with_next_loss = confirm_with_next_loss
         self._refuse_reason = None
         self._cleaned = False
+        self._pending = None  # basename saved, waiting for the loss on its weights
+        self._recent_losses = collections.deque(maxlen=_LOSS_WINDOW)
+        self.last_incompatible = None  # missing / unexpected / mis-shaped keys of the last load
+        self._current_file = None
 
     def _remove_stale_temp_files(self):
         # A run killed inside atomic_write_bytes leaves its ".<name>.<random>.tmp" behind (never
@@ -210,6 +300,40 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     def refuse_saves(self, reason):
         """From now on ``save`` writes nothing (logs ``reason``): the run has failed."""
         self._refuse_reason = reason
+        self._pending = None
+
+    def _last_good(self):
+        return self.get_checkpoint_file() if self.has_checkpoint() else "(none)"
+
+    def judge_pending(self, loss, iteration):
+        """
+        ``loss``: the total loss of ``iteration``, computed on the weights after the previous
+        step, i.e. those of a checkpoint saved then. Tag that checkpoint as ``last_checkpoint``
+        if the loss is finite and below ``LOSS_EXPLOSION_FACTOR`` x the median of the last
+        iterations; otherwise keep the previous one as the last good checkpoint.
+        """
+        recent = list(self._recent_losses)
+        self._recent_losses.append(loss)
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        median = statistics.median(recent) if recent else 0.0
+        if math.isfinite(loss) and (median <= 0 or loss <= LOSS_EXPLOSION_FACTOR * median):
+            self.tag_last_checkpoint(pending)
+            return
+        self.logger.warning(
+            f"Checkpoint {pending} is not marked as the last good one: the loss on its weights "
+            f"(iteration {iteration}) is {loss:.4g}, not finite or more than "
+            f"{LOSS_EXPLOSION_FACTOR:g}x the median {median:.4g} of the previous {len(recent)} "
+            f"iterations: the training is diverging. --resume would start from "
+            f"{self._last_good()}."
+        )
+
+    def confirm_pending(self):
+        """Tag the checkpoint waiting for :meth:`judge_pending` (the run ended normally)."""
+        if self._pending is not None and self._refuse_reason is None:
+            self.tag_last_checkpoint(self._pending)
+        self._pending = None
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -220,14 +344,17 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         bad = _non_finite_tensors(data["model"])
         if bad:
-            last = self.get_checkpoint_file() if self.has_checkpoint() else "(none)"
+            last = self._last_good()
             self.refuse_saves(f"the weights became non-finite ({bad[:3]})")
             raise FloatingPointError(
                 f"Not saving checkpoint '{name}': {len(bad)} weight tensor(s) contain NaN/Inf "
                 f"(first: {bad[:3]}). The training diverged; the last good checkpoint is "
                 f"{last}. Lower SOLVER.BASE_LR (linear scaling rule: the paper's 0.01 is for "
-                "16 images per batch) or raise SOLVER.WARMUP_ITERS, then --resume."
+                "16 images per batch) or raise SOLVER.WARMUP_ITERS, then run again with "
+                "--resume (the changed SOLVER values apply from that checkpoint on), or start "
+                f"from its weights with MODEL.WEIGHTS {last} and no --resume."
             )
+        big = _largest_parameters(self.model, data["model"], self.max_abs_weight)
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -241,7 +368,18 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {save_file}")
         local = PathManager.get_local_path(save_file)
         atomic_write_bytes(local, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        if big:
+            self._pending = None
+            self.logger.warning(
+                f"Checkpoint {basename} is not marked as the last good one: {len(big)} "
+                f"parameter(s) exceed |w| = {self.max_abs_weight:g} (largest: {big[0][0]} "
+                f"{big[0][1]:.3g}), the training is diverging. --resume would start from "
+                f"{self._last_good()}."
+            )
+        elif self.confirm_with_next_loss:
+            self._pending = basename
+        else:
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
         local = PathManager.get_local_path(os.path.join(self.save_dir, "last_checkpoint"))
@@ -249,24 +387,62 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     # ---- loading ------------------------------------------------------------------------
     def _torch_load(self, f):
-        if self.trust_pickle:  # the user vouched for the file: full unpickling
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+        _check_not_empty_or_pointer(f)
         try:
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+            if self.trust_pickle:  # the user vouched for the file: full unpickling
+                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+            else:
+                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
+            # weights_only's refusal names a GLOBAL it would have to import; anything else
+            # ("Unsupported operand", "invalid load key") is a file that is not a pickle.
+            if "global" not in str(e).lower():
+                raise _not_a_checkpoint(f, f"it does not unpickle ({_first_line(e)})") from e
             raise UnsafeCheckpointError(
                 f"{f} contains objects other than tensors and plain containers, so it was not "
                 "loaded (torch.load(weights_only=True)). If you trust its source: allowlist the "
                 "class with torch.serialization.add_safe_globals, or set FOCAL_TRUST_PICKLE=1 "
                 f"(SafeDetectionCheckpointer(..., trust_pickle=True)). Original error: {e}"
             ) from e
+        except (EOFError, RuntimeError, KeyError, IndexError, ValueError, OSError) as e:
+            # What torch.load raises for a cut-off zip / legacy file (e.g. "failed finding
+            # central directory", EOFError, KeyError of a missing record).
+            raise _not_a_checkpoint(f, f"{type(e).__name__}: {_first_line(e)}") from e
+        if not isinstance(loaded, dict):
+            raise _not_a_checkpoint(
+                f, f"it holds a {type(loaded).__name__}, not a dict of weights"
+            )
+        return loaded
+
+    def _load_model(self, checkpoint):
+        model_state = checkpoint.get("model")
+        if not isinstance(model_state, dict):
+            raise _not_a_checkpoint(
+                self._current_file, f"its 'model' entry is a {type(model_state).__name__}, not "
+                "a dict of tensors"
+            )  # fmt: skip
+        self.last_incompatible = super()._load_model(checkpoint)
+        return self.last_incompatible
 
     def _load_file(self, filename):
+        self._current_file = filename
         if filename.endswith(".pkl") and self.trust_pickle:
             return super()._load_file(filename)
         if filename.endswith(".pkl"):
+            _check_not_empty_or_pointer(filename)
             with PathManager.open(filename, "rb") as f:
-                data = restricted_pickle_load(f, source=filename)
+                try:
+                    data = restricted_pickle_load(f, source=filename)
+                except UnsafeCheckpointError:
+                    raise
+                except Exception as e:  # EOFError, UnpicklingError("invalid load key"), ...
+                    raise _not_a_checkpoint(
+                        filename, f"{type(e).__name__}: {_first_line(e)}"
+                    ) from e
+            if not isinstance(data, dict):
+                raise _not_a_checkpoint(
+                    filename, f"it holds a {type(data).__name__}, not a dict of weights"
+                )
             if "model" in data and "__author__" in data:
                 self.logger.info("Reading a file from '{}'".format(data["__author__"]))
                 return data
@@ -285,3 +461,42 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             return {"model": model_state, "__author__": "pycls", "matching_heuristics": True}
         # .pth and anything else: detectron2's own handling, which calls self._torch_load.
         return super()._load_file(filename)
+
+
+def missing_weights(model, incompatible):
+    """
+    What a load left uninitialised: ``{group: (missing, total, [names])}`` with ``group`` the
+    first component of the parameter name ("head", "backbone", ...); mis-shaped tensors, which
+    fvcore skips, count as missing.
+    """
+    keys = list(model.state_dict().keys())
+    lost = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
+    out = {}
+    for k in keys:
+        group = k.split(".")[0]
+        n_lost, total, names = out.get(group, (0, 0, []))
+        if k in lost:
+            n_lost += 1
+            names = names + [k]
+        out[group] = (n_lost, total + 1, names)
+    return out
+
+
+def weights_problem(model, incompatible, head_prefix="head"):
+    """
+    None if the loaded weights cover the model; else a sentence saying what is missing: any
+    tensor of the head, or more than half of all tensors (a checkpoint of another model, an
+    empty dict), leaves a model whose predictions are those of random layers.
+    """
+    groups = missing_weights(model, incompatible)
+    n_lost = sum(g[0] for g in groups.values())
+    n_all = sum(g[1] for g in groups.values())
+    head_lost = groups.get(head_prefix, (0, 0, []))[0]
+    if not head_lost and n_lost * 2 <= n_all:
+        return None
+    parts = [
+        f"{lost} of {total} '{name}' tensors ({', '.join(names[:4])}{', ...' if lost > 4 else ''})"
+        for name, (lost, total, names) in groups.items()
+        if lost
+    ]
+    return f"{n_lost} of the model's {n_all} weight tensors are not in it: " + "; ".join(parts)

@@ -13,11 +13,15 @@ Everything is detectron2's ``DefaultTrainer`` except:
   * ``setup`` falls back to ``MODEL.DEVICE = "cpu"`` with a warning when CUDA is absent, so the
     paper configs (detectron2's default device is "cuda") can be evaluated or smoke-trained on CPU.
   * reliability (README "Reliability"): ``setup`` checks every config key/value/combination
-    before any work (``focal_det.config_check``); checkpoints are written atomically, never with
-    NaN weights, and loaded without running code (``SafeDetectionCheckpointer``); a non-finite
-    loss stops with the iteration, the loss and a hint (``explain_non_finite_loss``); the train
-    loader drops degenerate boxes, names unreadable images and resumes its data stream exactly
-    (``focal_det.data.sanitize``, ``focal_det.data.resumable``, ``ResumableDataHook``).
+    and NUM_CLASSES against the datasets before any work (``focal_det.config_check``);
+    checkpoints are written atomically, never with NaN weights, tagged as last only when their
+    weights proved healthy, and loaded without running code (``SafeDetectionCheckpointer``); a
+    non-finite loss stops with the iteration, the loss and advice that works
+    (``explain_non_finite_loss``), and no evaluation follows it; ``--resume`` applies changed
+    SOLVER values and names other changes (``check_resumed_run``); ``--eval-only`` refuses
+    weights that miss the head; the train loader drops degenerate boxes, names unreadable images
+    and resumes its data stream exactly (``focal_det.data.sanitize``,
+    ``focal_det.data.resumable``, ``ResumableDataHook``).
 """
 import logging
 import os
@@ -30,7 +34,7 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import verify_results
@@ -38,12 +42,31 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_focal_config
-from ..config_check import check_config, merge_config_file, merge_config_list
+from ..config_check import (
+    check_config,
+    check_dataset_classes,
+    merge_config_file,
+    merge_config_list,
+)
 from ..data.augment import build_train_augmentations
 from ..data.resumable import build_resumable_train_loader
-from ..data.sanitize import FileNamingMapper, check_dataset_files, load_dataset_dicts
+from ..data.sanitize import (
+    FileNamingMapper,
+    check_dataset_files,
+    load_dataset_dicts,
+    naming_annotation_file,
+)
 from ..evaluation import build_coco_evaluator
-from .hooks import ResumableDataHook, explain_non_finite_loss, find_resumable_sampler
+from .hooks import (
+    EvalAfterSuccessHook,
+    ResumableDataHook,
+    RunConfigHook,
+    check_resumed_run,
+    explain_non_finite_loss,
+    find_resumable_sampler,
+    solver_state,
+)
+from .safe_checkpoint import weights_problem
 
 __all__ = ["Trainer", "setup", "main", "create_ddp_model"]
 
@@ -77,6 +100,7 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+            setup_logger(name="focal_det")
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         # Assume these objects must be constructed in this order (as DefaultTrainer does).
@@ -109,15 +133,40 @@ class Trainer(DefaultTrainer):
             DefaultTrainer returns them only when ``TEST.EXPECTED_RESULTS`` is set.
         """
         res = super().train()
+        if hasattr(self.checkpointer, "confirm_pending"):  # the final checkpoint: run finished
+            self.checkpointer.confirm_pending()
         return res if res is not None else getattr(self, "_last_eval_results", None)
+
+    def resume_or_load(self, resume=True):
+        """
+        detectron2's, and on ``--resume``: stop if the model no longer fits the checkpoint,
+        apply this config's SOLVER values (detectron2 keeps the checkpoint's LR) and log what
+        else changed since the checkpoint (``check_resumed_run``).
+        """
+        fresh = solver_state(self.optimizer, self.scheduler)  # before the checkpoint's replace it
+        super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            check_resumed_run(self, fresh)
 
     def run_step(self):
         # A NaN/Inf loss stops with the iteration, the loss and a hint; nothing is saved after.
         with explain_non_finite_loss(self.cfg, self.iter, self.checkpointer):
             super().run_step()
+        # This loss was computed on the weights of the last checkpoint (if one was just saved):
+        # only a healthy one makes that checkpoint the "last good" one.
+        history = self.storage.histories().get("total_loss")
+        if history is not None and hasattr(self.checkpointer, "judge_pending"):
+            self.checkpointer.judge_pending(history.latest(), self.iter)
 
     def build_hooks(self):
         ret = super().build_hooks()
+        ret = [
+            EvalAfterSuccessHook(h._period, h._func, h._eval_after_train)  # no AP after a failure
+            if type(h) is hooks.EvalHook
+            else h
+            for h in ret
+        ]
+        ret.append(RunConfigHook(self.cfg))  # compared with the new config on --resume
         sampler = find_resumable_sampler(self._trainer.data_loader)
         if sampler is not None:
             ret.append(ResumableDataHook(sampler))  # data stream seed + position on --resume
@@ -149,9 +198,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         check_dataset_files(dataset_name)  # a clear message for a missing COCO folder
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=FileNamingMapper(DatasetMapper(cfg, False))
-        )
+        with naming_annotation_file(dataset_name):  # ... and for a truncated json
+            return build_detection_test_loader(
+                cfg, dataset_name, mapper=FileNamingMapper(DatasetMapper(cfg, False))
+            )
 
     @classmethod
     def build_checkpointer(cls, cfg, model, save_dir="", **checkpointables):
@@ -162,7 +212,10 @@ class Trainer(DefaultTrainer):
         """
         from ..checkpoint import FocalCheckpointer  # not at the top: it imports engine
 
-        return FocalCheckpointer(model, save_dir, **checkpointables)
+        return FocalCheckpointer(
+            model, save_dir, max_abs_weight=cfg.SOLVER.CHECKPOINT_MAX_ABS_WEIGHT,
+            confirm_with_next_loss=True, **checkpointables,
+        )  # fmt: skip
 
     @classmethod
     def build_ddp_model(cls, cfg, model):
@@ -205,9 +258,42 @@ def setup(args):
         )
         cfg.MODEL.DEVICE = "cpu"
     check_config(cfg, world_size=comm.get_world_size())  # settings that cannot work together
+    check_dataset_classes(cfg)  # NUM_CLASSES against the registered datasets' classes
     cfg.freeze()
     default_setup(cfg, args)
+    # detectron2 sets up its own loggers only: focal_det's INFO would not show, its WARNINGs
+    # would come unformatted.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det")
     return cfg
+
+
+class MissingWeightsError(RuntimeError):
+    """--eval-only on weights that do not hold (most of) the model."""
+
+
+def check_eval_weights(cfg, model, checkpointer, command="--eval-only"):
+    """
+    Raise :class:`MissingWeightsError` when what ``checkpointer`` loaded leaves the head, or
+    most of the model, randomly initialised (``TEST.ALLOW_MISSING_WEIGHTS True``: warn only).
+    ``command`` names what is evaluating, for the message.
+    """
+    inc = getattr(checkpointer, "last_incompatible", None)
+    if inc is None:  # nothing was loaded
+        problem = "MODEL.WEIGHTS is empty, so no weights were loaded"
+    else:
+        problem = weights_problem(model, inc)
+        if problem is None:
+            return
+        problem = f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} does not hold this model: {problem}"
+    message = (
+        f"{command}: {problem}. The AP would be that of randomly initialised layers. Pass the "
+        "checkpoint this config trained (e.g. OUTPUT_DIR/model_final.pth; a checkpoint of "
+        "another architecture, such as Faster R-CNN, or of another number of classes does not "
+        "fit), or set TEST.ALLOW_MISSING_WEIGHTS True to evaluate anyway."
+    )
+    if not cfg.TEST.ALLOW_MISSING_WEIGHTS:
+        raise MissingWeightsError(message)
+    logger.warning(message + " (evaluating anyway: TEST.ALLOW_MISSING_WEIGHTS is True)")
 
 
 def main(args, trainer_cls=Trainer):
@@ -222,9 +308,9 @@ def main(args, trainer_cls=Trainer):
     cfg = setup(args)
     if args.eval_only:
         model = trainer_cls.build_model(cfg)
-        trainer_cls.build_checkpointer(cfg, model, cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = trainer_cls.build_checkpointer(cfg, model, cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        check_eval_weights(cfg, model, checkpointer)
         res = trainer_cls.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -10,11 +10,13 @@ per-category AP) with:
     detectron2's own fast evaluator needs the compiled ``detectron2._C`` that the registry wheel
     lacks, so it is never used here;
   * a clear message for test sets without annotations (COCO test-dev): no AP is computed
-    locally; the results JSON is what the evaluation server takes.
+    locally; the results JSON is what the evaluation server takes;
+  * a warning for ground-truth boxes that are NaN or empty: COCO counts them as missed.
 """
 import itertools
 import json
 import logging
+import math
 import os
 
 from detectron2.evaluation import COCOEvaluator
@@ -95,6 +97,28 @@ class FocalCOCOEvaluator(COCOEvaluator):
             dataset_name, tasks, distributed, output_dir,
             max_dets_per_image=max_dets_per_image, **kwargs,
         )  # fmt: skip
+        if self._do_evaluation:
+            self._warn_unusable_ground_truth()
+
+    def _warn_unusable_ground_truth(self):
+        # The train loader drops such boxes (focal_det.data.sanitize); COCO evaluation reads the
+        # annotation file itself, where a NaN / empty box can never be matched: a missed object.
+        bad, images = 0, set()
+        for ann in self._coco_api.dataset.get("annotations", []):
+            box = ann.get("bbox") or []
+            ok = len(box) == 4 and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in box
+            ) and box[2] > 0 and box[3] > 0  # fmt: skip
+            if not ok:
+                bad += 1
+                images.add(ann.get("image_id"))
+        if bad:
+            logger.warning(
+                f"{self._dataset_name}: {bad} ground-truth box(es) in {len(images)} image(s) of "
+                f"{self._metadata.get('json_file', 'its annotations')} are non-finite or empty. "
+                "COCO evaluation cannot match them, so each counts as a missed object and "
+                "lowers AP / recall: fix or remove them in the annotation file."
+            )
 
     def _eval_predictions(self, predictions, img_ids=None):
         if self._impl == "pycocotools":

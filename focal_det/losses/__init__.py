@@ -1,4 +1,4 @@
-from . import modules  # noqa: F401  (registers the losses)
+from . import modules, softmax  # noqa: F401  (registers the losses)
 from .base import ClassificationLossOutput, DenseClassificationLoss  # noqa: F401
 from .build import FOCAL_LOSS_REGISTRY, build_classification_loss  # noqa: F401
 from .functional import (  # noqa: F401
@@ -9,3 +9,4 @@ from .functional import (  # noqa: F401
     sigmoid_loss_from_labels,
 )
 from .modules import OHEM, BalancedCE, FocalLoss, FocalLossStar, select_ohem_anchors  # noqa: F401
+from .softmax import SoftmaxFocalLoss, softmax_focal_loss_from_labels  # noqa: F401

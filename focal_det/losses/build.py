@@ -2,7 +2,7 @@ from detectron2.utils.registry import Registry
 
 FOCAL_LOSS_REGISTRY = Registry("FOCAL_LOSS")
 FOCAL_LOSS_REGISTRY.__doc__ = """
-Registry for dense classification losses (FL, FL*, alpha-balanced CE, OHEM).
+Registry for dense classification losses (FL, FL*, alpha-balanced CE, OHEM, softmax FL).
 A registered class is called with ``cfg`` and returns an ``nn.Module``.
 """
 

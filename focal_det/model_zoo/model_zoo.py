@@ -51,7 +51,12 @@ for _body, _sched, _id, _stamp, _ap in [
 
 
 def _config_root():
-    # configs/ sits next to the focal_det package in the repository (editable install).
+    # A built package (wheel, `pip install .`) carries the repository's configs/ as
+    # focal_det/model_zoo/configs (setup.py maps the folder, nothing is copied in the source
+    # tree); a source checkout or an editable install reads configs/ next to the package.
+    packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    if os.path.isdir(packaged):
+        return packaged
     return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 

@@ -289,28 +289,62 @@ class TopCandidatesInference:
     decoding. Same detections (tested against detectron2's). ``inference_single_image`` and
     ``_decode_per_level_predictions`` are left as detectron2 defines them (they take
     probabilities), for callers that use them directly.
+
+    Two hooks say what the head's logits are (defaults: detectron2's K sigmoid logits):
+    ``logits_per_anchor()`` and ``class_scores(logits)``, with ``sigmoid_class_scores()``
+    telling whether the scores are the elementwise sigmoid of K logits, which the logit fast
+    path needs (it ranks logits: the sigmoid is monotone in each). Otherwise each image is
+    decoded by detectron2's own ``inference_single_image`` on ``class_scores(logits)``.
     """
+
+    def logits_per_anchor(self) -> int:
+        """Classification logits per anchor in the head's output."""
+        return self.num_classes
+
+    def sigmoid_class_scores(self) -> bool:
+        """Whether the per-class scores are the sigmoid of each of K logits."""
+        return True
+
+    def class_scores(self, logits: Tensor) -> Tensor:
+        """(R, logits_per_anchor) logits -> (R, K) per-class probabilities."""
+        return logits.sigmoid()
+
+    def _split_dense_predictions(self, predictions: List[List[Tensor]]):
+        """detectron2's ``_transpose_dense_predictions`` with a check of the logit count."""
+        L = self.logits_per_anchor()
+        A = self.anchor_generator.num_cell_anchors[0]
+        channels = predictions[0][0].shape[1]
+        if channels != A * L:
+            raise ValueError(
+                f"The head outputs {channels} classification channels per location, but the "
+                f"loss reads {L} logits for each of the {A} cell anchors ({A * L}). Build the "
+                "head for the loss (build_focal_head(..., num_classes=loss.num_logits))."
+            )
+        return self._transpose_dense_predictions(predictions, [L, 4])
 
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
     ):
-        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4]
-        )
+        pred_logits, pred_anchor_deltas = self._split_dense_predictions(predictions)
         anchors = self.anchor_generator(features)
         results: List[Instances] = []
         for img_idx, image_size in enumerate(images.image_sizes):
+            deltas = [deltas_l[img_idx] for deltas_l in pred_anchor_deltas]
+            if not self.sigmoid_class_scores():
+                scores = [self.class_scores(logits_l[img_idx]) for logits_l in pred_logits]
+                results.append(self.inference_single_image(anchors, scores, deltas, image_size))
+                continue
             per_level = [
                 decode_top_candidates(
                     self.box2box_transform,
                     anchors_l,
                     logits_l[img_idx],
-                    deltas_l[img_idx],
+                    deltas_l,
                     self.test_score_thresh,
                     self.test_topk_candidates,
                     image_size,
                 )
-                for anchors_l, logits_l, deltas_l in zip(anchors, pred_logits, pred_anchor_deltas)
+                for anchors_l, logits_l, deltas_l in zip(anchors, pred_logits, deltas)
             ]
             pred = Instances.cat(per_level)
             keep = batched_nms(  # per-class NMS, as detectron2

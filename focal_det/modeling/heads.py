@@ -2,8 +2,10 @@
 Dense heads of FocalRetinaNet, chosen by name (``MODEL.FOCAL.HEAD_NAME``) from
 ``FOCAL_HEAD_REGISTRY``.
 """
-from typing import List
+from typing import List, Optional, Sequence
 
+import torch
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead as _D2RetinaNetHead
@@ -14,8 +16,10 @@ __all__ = ["FOCAL_HEAD_REGISTRY", "RetinaNetHead", "build_focal_head"]
 FOCAL_HEAD_REGISTRY = Registry("FOCAL_HEAD")
 FOCAL_HEAD_REGISTRY.__doc__ = """
 Registry for dense heads of FocalRetinaNet. A registered class is called with
-``(cfg, input_shape: List[ShapeSpec])`` and returns an nn.Module whose forward maps a list of
-per-level features to ``(logits, box_deltas)``: lists of (N, A*K, Hi, Wi) and (N, A*4, Hi, Wi).
+``(cfg, input_shape: List[ShapeSpec], **overrides)`` and returns an nn.Module whose forward maps a
+list of per-level features to ``(logits, box_deltas)``: lists of (N, A*L, Hi, Wi) and
+(N, A*4, Hi, Wi). ``overrides`` are what the classification loss decides (see
+``build_focal_head``): ``num_classes`` = L logits per anchor and ``cls_prior_bias``.
 """
 
 
@@ -31,10 +35,34 @@ class RetinaNetHead(_D2RetinaNetHead):
     starts with foreground confidence ~pi (the "prior" of Sec 3.3).
 
     It *is* detectron2's ``RetinaNetHead`` (same parameter names and initialisation), so
-    detectron2's RetinaNet checkpoints load strictly into FocalRetinaNet. The only addition: a
-    clear error, instead of an assert, when the anchor generator gives levels different numbers
-    of cell anchors (one output conv serves all levels, so A must be the same everywhere).
+    detectron2's RetinaNet checkpoints load strictly into FocalRetinaNet. Two additions: a clear
+    error, instead of an assert, when the anchor generator gives levels different numbers of
+    cell anchors (one output conv serves all levels, so A must be the same everywhere); and
+    ``cls_prior_bias``, the initial bias of each anchor's logits when the loss's are not K
+    sigmoids at pi (the softmax loss: K + 1 logits, background and classes biased apart).
     """
+
+    @configurable
+    def __init__(self, *, cls_prior_bias: Optional[Sequence[float]] = None, **kwargs):
+        """
+        Args:
+            cls_prior_bias: (num_classes,) initial bias of the logits of every cell anchor (the
+                loss's ``prior_bias``); None keeps detectron2's -log((1 - pi) / pi) everywhere.
+            kwargs: detectron2's ``RetinaNetHead`` arguments (``num_classes`` = logits per
+                anchor).
+        """
+        super().__init__(**kwargs)
+        if cls_prior_bias is not None:
+            bias = torch.as_tensor(cls_prior_bias, dtype=torch.float64)
+            num_logits = kwargs["num_classes"]
+            if bias.shape != (num_logits,):
+                raise ValueError(
+                    f"cls_prior_bias has shape {tuple(bias.shape)}; the head predicts "
+                    f"{num_logits} logits per anchor, so it needs ({num_logits},)."
+                )
+            with torch.no_grad():
+                # channel a * L + k is logit k of cell anchor a (detectron2's layout)
+                self.cls_score.bias.copy_(bias.repeat(kwargs["num_anchors"]))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -51,9 +79,15 @@ class RetinaNetHead(_D2RetinaNetHead):
         return super().from_config(cfg, input_shape)
 
 
-def build_focal_head(cfg, input_shape: List[ShapeSpec]):
+def build_focal_head(cfg, input_shape: List[ShapeSpec], **overrides):
     """
     Build the head named by ``cfg.MODEL.FOCAL.HEAD_NAME`` for the given per-level feature shapes.
+
+    Args:
+        overrides: constructor arguments that the classification loss decides, passed on to the
+            registered head (detectron2's ``@configurable`` puts them over the config's):
+            ``num_classes`` = the loss's ``num_logits`` and ``cls_prior_bias`` = its
+            ``prior_bias(MODEL.RETINANET.PRIOR_PROB)`` (``focal_det/losses/base.py``).
     """
     name = cfg.MODEL.FOCAL.HEAD_NAME
     if name not in FOCAL_HEAD_REGISTRY:
@@ -61,4 +95,4 @@ def build_focal_head(cfg, input_shape: List[ShapeSpec]):
             f"MODEL.FOCAL.HEAD_NAME={name!r} is not a registered head. "
             f"Registered: {sorted(k for k, _ in FOCAL_HEAD_REGISTRY)}"
         )
-    return FOCAL_HEAD_REGISTRY.get(name)(cfg, input_shape)
+    return FOCAL_HEAD_REGISTRY.get(name)(cfg, input_shape, **overrides)

@@ -54,21 +54,25 @@ _EMA_NORMALIZER_INIT = 100.0
 class FocalRetinaNet(TopCandidatesInference, RetinaNet):
     """
     RetinaNet whose classification loss is any registered dense loss (FL, FL*, alpha-balanced
-    CE, OHEM). Training, for N images and R anchors (all levels, R = sum Hi*Wi*A):
+    CE, OHEM, softmax FL). Training, for N images and R anchors (all levels, R = sum Hi*Wi*A):
 
     1. ``label_anchors``: IoU matching with ``RetinaNetMatcher`` -> labels (N, R) int64 in
        {-1 = ignore, 0..K-1, K = background} and matched boxes (N, R, 4).
-    2. ``losses``: ``cls_loss(logits (N, R, K), labels (N, R), anchors (R, 4))`` -- the same call
+    2. ``losses``: ``cls_loss(logits (N, R, L), labels (N, R), anchors (R, 4))`` -- the same call
        for every loss, never a branch on its name (contract: ``focal_det/losses/base.py``) --
        plus smooth-L1 (or GIoU, ...) box regression over the foreground anchors, or over the
        subset the loss module selects (``box_mask``, e.g. OHEM's). Both are divided by the
        foreground-anchor normaliser, unless the loss module returns its own.
     3. A non-finite loss raises ``FloatingPointError`` naming the iteration and the losses.
 
+    The loss also decides the head's logits per anchor (K sigmoid logits; K + 1 for the softmax
+    loss), their initial bias and how they turn into class scores (``losses/base.py``).
+
     Inference is detectron2's, which is the paper's: per level, keep scores > 0.05, then the
     top 1000; decode those boxes only; merge levels; per-class NMS at 0.5; keep
-    ``TEST.DETECTIONS_PER_IMAGE``. It runs on the logits (``fast_ops.TopCandidatesInference``):
-    the sigmoid is applied to the top candidates only, with detectron2's detections.
+    ``TEST.DETECTIONS_PER_IMAGE``. For sigmoid scores it runs on the logits
+    (``fast_ops.TopCandidatesInference``): the sigmoid is applied to the top candidates only,
+    with detectron2's detections; other scores (softmax) go through detectron2's own decoding.
 
     Speed switches (``fast_ops.apply_speed_options``), numerically neutral: MODEL.FOCAL.
     CHANNELS_LAST, FOLD_FROZEN_BN and COMPILE_HEAD (falls back to eager with a warning).
@@ -107,6 +111,10 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
                 "0.0 = this batch's foreground count (paper), 0.9 = detectron2's EMA."
             )
         self.cls_loss = cls_loss
+        # What the head's logits are is the loss's (focal_det/losses/base.py); fixed with the
+        # head, which was built for it.
+        self._logits_per_anchor = cls_loss.num_logits
+        self._sigmoid_class_scores = cls_loss.sigmoid_scores
         self.normalizer_momentum = normalizer_momentum
         self.normalizer_all_reduce = normalizer_all_reduce
         self.speed_options = dict(
@@ -121,9 +129,17 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
         backbone = build_backbone(cfg)
         backbone_shape = backbone.output_shape()
         feature_shapes = [backbone_shape[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+        cls_loss = build_classification_loss(cfg)
+        # The loss decides how many logits per anchor the head predicts and their initial bias.
+        head = build_focal_head(
+            cfg,
+            feature_shapes,
+            num_classes=cls_loss.num_logits,
+            cls_prior_bias=cls_loss.prior_bias(cfg.MODEL.RETINANET.PRIOR_PROB),
+        )
         return {
             "backbone": backbone,
-            "head": build_focal_head(cfg, feature_shapes),
+            "head": head,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             "anchor_matcher": RetinaNetMatcher(
@@ -136,7 +152,7 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
             "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
             "head_in_features": cfg.MODEL.RETINANET.IN_FEATURES,
             # Loss parameters (alpha / gamma are read by the loss module itself).
-            "cls_loss": build_classification_loss(cfg),
+            "cls_loss": cls_loss,
             "normalizer_momentum": cfg.MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM,
             "normalizer_all_reduce": cfg.MODEL.FOCAL.LOSS.NORMALIZER_ALL_REDUCE,
             "channels_last": cfg.MODEL.FOCAL.CHANNELS_LAST,
@@ -156,10 +172,17 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
             "input_format": cfg.INPUT.FORMAT,
         }
 
+    def logits_per_anchor(self) -> int:
+        return self._logits_per_anchor
+
+    def sigmoid_class_scores(self) -> bool:
+        return self._sigmoid_class_scores
+
+    def class_scores(self, logits: Tensor) -> Tensor:
+        return self.cls_loss.class_scores(logits)
+
     def forward_training(self, images, features, predictions, gt_instances):
-        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4]
-        )
+        pred_logits, pred_anchor_deltas = self._split_dense_predictions(predictions)
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         losses = self.losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
@@ -170,7 +193,8 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
         """
         Args:
             anchors (list[Boxes]): #lvl anchors, level i has (Hi*Wi*A, 4).
-            pred_logits (list[Tensor]): #lvl tensors of (N, Hi*Wi*A, K), any float dtype.
+            pred_logits (list[Tensor]): #lvl tensors of (N, Hi*Wi*A, L), any float dtype, L =
+                the loss's ``num_logits`` (K for the sigmoid losses).
             gt_labels (list[Tensor]): N tensors of (R,) int64 from :meth:`label_anchors`.
             pred_anchor_deltas (list[Tensor]): #lvl tensors of (N, Hi*Wi*A, 4).
             gt_boxes (list[Tensor]): N tensors of (R, 4), the matched box of each anchor.
