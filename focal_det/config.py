@@ -95,6 +95,16 @@ def add_focal_config(cfg):
     _C.MODEL.MOBILENET.FREEZE_AT = 1
     _C.MODEL.MOBILENET.NORM = "FrozenBN"
 
+    # Training augmentations beyond detectron2's resize + INPUT.RANDOM_FLIP, for images with no
+    # "up" (aerial tiles): focal_det/data/augment.py. All off: the paper flips horizontally only.
+    _C.INPUT.EXTRA_AUG = CN()
+    _C.INPUT.EXTRA_AUG.VERTICAL_FLIP = False  # flip top-bottom with probability 0.5
+    _C.INPUT.EXTRA_AUG.ROTATE_90 = False  # rotate by 0 / 90 / 180 / 270 degrees, uniformly
+    # Photometric jitter: a factor drawn uniformly from [1 - x, 1 + x]; 0 = off.
+    _C.INPUT.EXTRA_AUG.BRIGHTNESS = 0.0
+    _C.INPUT.EXTRA_AUG.CONTRAST = 0.0
+    _C.INPUT.EXTRA_AUG.SATURATION = 0.0
+
     # COCO bbox AP implementation of focal_det.evaluation: "pycocotools" (the official API) or
     # "faster-coco-eval" (C++; same AP up to float64 rounding, < 1e-15, on the random sets of
     # tests/test_evaluation.py; detectron2's own fast evaluator needs the compiled detectron2._C,

@@ -526,6 +526,9 @@ def check_config(cfg, world_size=None):
                          ("NORMALIZER", OHEM_NORMALIZER)):  # fmt: skip
         if focal.OHEM[key] not in allowed:
             p.append(f"MODEL.FOCAL.OHEM.{key}={focal.OHEM[key]!r} must be one of {allowed}.")
+    if rn.NORM == "GN" and cfg.MODEL.FPN.OUT_CHANNELS % 32:
+        p.append(f"MODEL.RETINANET.NORM='GN' normalises the head in detectron2's 32 groups: "
+                 f"MODEL.FPN.OUT_CHANNELS={cfg.MODEL.FPN.OUT_CHANNELS} must be a multiple of 32.")
     lq = focal.MATCHER.LOW_QUALITY_MATCHES
     if lq not in ("detectron2", "detectron", "none"):
         p.append(f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={lq!r} must be one of "

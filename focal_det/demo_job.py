@@ -29,6 +29,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import default_argument_parser
+from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
 from .data import build_deepforest_trees, register_deepforest_trees
@@ -112,9 +113,13 @@ def write_val_pictures(model, cfg, dataset_name, out_dir, num, score_thresh):
     written = []
     for d in DatasetCatalog.get(dataset_name)[:num]:
         img = read_image(d["file_name"], format="RGB")
-        gt = np.array([a["bbox"] for a in d["annotations"]], np.float32).reshape(-1, 4)
-        if len(gt) and d["annotations"][0]["bbox_mode"] != 0:  # XYWH_ABS -> XYXY_ABS
-            gt[:, 2:] += gt[:, :2]
+        gt = np.array(
+            [
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in d["annotations"]
+            ],
+            np.float32,
+        ).reshape(-1, 4)
         inst = predict(model, cfg, img)
         keep = inst.scores >= score_thresh
         left = draw_boxes(img, gt, GT_COLOR, f"ground truth: {len(gt)} crowns")

@@ -71,7 +71,7 @@ def test_tile_boxes_clips_and_drops_slivers():
 
 
 def test_build_reports_counts_and_boxes_lie_in_images(built):
-    assert set(built["counts"]) == {"train", "val"}
+    assert set(built["counts"]) == {"train", "val", "trainsub", "holdout"}
     for split in ("train", "val"):
         data = _load(built, split)
         assert built["counts"][split] == {
@@ -93,6 +93,33 @@ def test_build_reports_counts_and_boxes_lie_in_images(built):
             )
     # val crop 1249x1035 -> 4 x 4 tiles of 400 px; OSBS_029 (400x400) -> one tile
     assert built["counts"]["val"]["images"] == 16 and built["counts"]["train"]["images"] == 1
+
+
+def test_holdout_is_a_band_of_the_large_train_crop_never_overlapping_trainsub():
+    """Known answer on made-up tiles: which tiles go to trainsub, holdout, or neither."""
+    y = df.HOLDOUT_FROM_Y
+    tiles = [
+        (df.HOLDOUT_SOURCE, [0, 0, 400, 400]),  # far above the band -> trainsub
+        (df.HOLDOUT_SOURCE, [0, y - 400, 400, y]),  # ends on the line -> trainsub
+        (df.HOLDOUT_SOURCE, [300, y - 100, 700, y + 300]),  # straddles -> neither
+        (df.HOLDOUT_SOURCE, [0, y, 400, y + 400]),  # starts on the line -> holdout
+        ("OSBS_029", [0, y, 400, y + 400]),  # another source image -> trainsub
+    ]
+    train = {
+        "images": [
+            {"id": i + 1, "source_image": src, "source_xyxy": xyxy}
+            for i, (src, xyxy) in enumerate(tiles)
+        ],
+        "annotations": [{"id": 10 + i, "image_id": i + 1} for i in range(len(tiles))],
+    }
+    out = df._holdout_splits(train)
+    assert [im["id"] for im in out["trainsub"]["images"]] == [1, 2, 5]
+    assert [im["id"] for im in out["holdout"]["images"]] == [4]
+    assert [a["id"] for a in out["holdout"]["annotations"]] == [13]
+    assert [a["id"] for a in out["trainsub"]["annotations"]] == [10, 11, 14]
+    # and with the default tiling the band is whole 400 px rows of the 2472 px high crop
+    starts = df.tile_starts(2472, 400, 100)
+    assert y in starts and (2472 - y) >= 400
 
 
 def test_ids_unique_and_splits_disjoint_by_source(built):

@@ -81,6 +81,27 @@ def test_fpn_gives_p3_to_p7_like_retinanet_resnet_fpn(weights):
     ]
 
 
+def test_fpn_on_c2_gives_p2_to_p6_with_p6_from_c5_and_no_p7():
+    cfg = _cfg(WEIGHTS="none")
+    cfg.MODEL.BACKBONE.NAME = "build_mobilenet_v2_fpn_backbone"
+    cfg.MODEL.FPN.IN_FEATURES = ["c2", "c3", "c4", "c5"]
+    cfg.MODEL.RETINANET.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    bb = build_backbone(cfg).eval()
+    shapes = bb.output_shape()
+    assert list(shapes) == ["p2", "p3", "p4", "p5", "p6"]
+    assert [s.stride for s in shapes.values()] == [4, 8, 16, 32, 64]
+    assert not hasattr(bb.top_block, "p7") and not any("p7" in k for k in bb.state_dict())
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        out = bb(x)
+        # P6 is the paper's: a 3x3 stride-2 conv on C5, the same module as in the P3-P7 pyramid
+        c5 = bb.bottom_up(x)["c5"]
+        torch.testing.assert_close(out["p6"], bb.top_block.p6(c5))
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [
+        (32, 40), (16, 20), (8, 10), (4, 5), (2, 3),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("freeze_at", [0, 2, 5])
 def test_freeze_at_freezes_the_first_stages(freeze_at):
     net = mb.MobileNetV2(["c3", "c4", "c5"], norm="BN", freeze_at=freeze_at, weights=None)

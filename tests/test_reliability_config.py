@@ -122,6 +122,15 @@ def test_incompatible_settings_are_rejected(key, value, expect):
         check_config(cfg)
 
 
+def test_group_norm_head_needs_a_multiple_of_32_channels():
+    cfg = tiny_cfg()
+    cfg.MODEL.RETINANET.NORM = "GN"
+    check_config(cfg)  # 32 channels: one per group
+    cfg.MODEL.FPN.OUT_CHANNELS = 48
+    with pytest.raises(ConfigError, match=r"MODEL.FPN.OUT_CHANNELS=48 must be a multiple of 32"):
+        check_config(cfg)
+
+
 def test_anchor_count_must_match_across_levels():
     cfg = tiny_cfg()
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32, 40, 50], [64], [128, 160, 200]]

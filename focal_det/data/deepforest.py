@@ -62,14 +62,26 @@ DEEPFOREST_SOURCES = {
     "SOAP_061": "train",  # 400x400, 37 crowns (Dead/Alive)
     "2019_YELL_2_541000_4977000_image_crop": "val",  # 1249x1035, 279 crowns
 }
-# Registered dataset name -> split of DEEPFOREST_SOURCES.
-DEEPFOREST_SPLITS = {"deepforest_trees_train": "train", "deepforest_trees_val": "val"}
+# Registered dataset name -> split (a JSON file of the build).
+DEEPFOREST_SPLITS = {
+    "deepforest_trees_train": "train",
+    "deepforest_trees_val": "val",
+    "deepforest_trees_trainsub": "trainsub",
+    "deepforest_trees_holdout": "holdout",
+}
+# Model selection never looks at val: settings are chosen by training on "trainsub" and
+# evaluating on "holdout", two disjoint parts of the train split. The holdout is the bottom
+# band (y >= 1776 px, about 28% of the height) of the large training crop: its tiles lie wholly
+# inside the band, and trainsub keeps the train tiles that lie wholly above it (the tiles that
+# straddle the line are in neither), so no holdout pixel is ever trained on.
+HOLDOUT_SOURCE = "2019_YELL_2_528000_4978000_image_crop2"
+HOLDOUT_FROM_Y = 1776
 # Every VOC label in the wheel's files is a tree crown (see the module docstring).
 LABEL_TO_CATEGORY = {"Tree": "tree", "Dead": "tree", "Alive": "tree"}
 CATEGORIES = [{"id": 1, "name": "tree", "supercategory": "plant"}]
 
 # Bump when the build's output changes for the same parameters: invalidates cached builds.
-_BUILD_FORMAT = 1
+_BUILD_FORMAT = 2
 _DEFAULT_PARAMS = {
     "tile_size": 400,  # the size of the two 400x400 images; ~40 px crowns stay ~40 px
     "min_overlap": 100,  # > the largest crown (107 px), so every crown is whole in some tile
@@ -143,6 +155,29 @@ def _parse_voc(xml_bytes, stem):
     return width, height, np.array(boxes, dtype=np.float64).reshape(-1, 4), labels
 
 
+def _holdout_splits(train):
+    """
+    {"trainsub": ..., "holdout": ...}: the COCO dicts of the train split's tiles above and
+    inside the holdout band (see HOLDOUT_FROM_Y). Image and annotation ids are kept, so the
+    tiles are the same files as in "train".
+    """
+    def band(im):
+        if im["source_image"] != HOLDOUT_SOURCE:
+            return "trainsub"
+        y0, y1 = im["source_xyxy"][1], im["source_xyxy"][3]
+        if y0 >= HOLDOUT_FROM_Y:
+            return "holdout"
+        return "trainsub" if y1 <= HOLDOUT_FROM_Y else None  # straddles the line: neither
+
+    out = {}
+    for split in ("trainsub", "holdout"):
+        images = [im for im in train["images"] if band(im) == split]
+        ids = {im["id"] for im in images}
+        anns = [a for a in train["annotations"] if a["image_id"] in ids]
+        out[split] = {"images": images, "annotations": anns, "categories": CATEGORIES}
+    return out
+
+
 def _build(out_dir, wheel, sources, params):
     """Write images/ and annotations/{split}.json under out_dir; return per-split counts."""
     img_dir = out_dir / "images"
@@ -195,6 +230,8 @@ def _build(out_dir, wheel, sources, params):
                             "iscrowd": 0,
                         }
                     )
+    if "train" in coco:
+        coco.update(_holdout_splits(coco["train"]))
     counts = {}
     for split, data in coco.items():
         with open(out_dir / "annotations" / f"{split}.json", "w") as f:

@@ -30,7 +30,11 @@ from collections import OrderedDict
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetMapper, build_detection_test_loader
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
@@ -45,6 +49,7 @@ from ..config_check import (
     merge_config_file,
     merge_config_list,
 )
+from ..data.augment import build_train_augmentations
 from ..data.resumable import build_resumable_train_loader
 from ..data.sanitize import (
     FileNamingMapper,
@@ -174,10 +179,12 @@ class Trainer(DefaultTrainer):
         Returns:
             detectron2's train loader over the sanitised dataset (degenerate boxes dropped,
             unreadable images named), with a data stream that ``--resume`` continues exactly
-            (``focal_det.data.resumable``); detectron2's own loader for samplers other than
-            ``TrainingSampler``.
+            (``focal_det.data.resumable``); detectron2's own loader, over the same sanitised
+            dataset and mapper, for samplers other than ``TrainingSampler``.
         """
-        mapper = FileNamingMapper(DatasetMapper(cfg, True))
+        mapper = FileNamingMapper(
+            DatasetMapper(cfg, True, augmentations=build_train_augmentations(cfg))
+        )
         dicts = load_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
@@ -186,7 +193,7 @@ class Trainer(DefaultTrainer):
                 f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: --resume will not "
                 "continue the data stream exactly (only TrainingSampler does)."
             )
-            return super().build_train_loader(cfg)
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
         return build_resumable_train_loader(cfg, dicts, mapper)[0]
 
     @classmethod

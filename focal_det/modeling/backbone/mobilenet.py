@@ -19,6 +19,8 @@ state dict loads strictly::
 
 ``build_mobilenet_v2_fpn_backbone`` puts detectron2's FPN on c3-c5 and adds P6 (3x3 stride-2 conv
 on C5) and P7 (ReLU + 3x3 stride-2 conv on P6) exactly as ``build_retinanet_resnet_fpn_backbone``.
+On c2-c5 it gives P2-P5 and only the P6 the head reads (P2-P6: the paper's five levels, and its
+anchor-to-stride ratio, one octave down, for small objects at a small input size).
 MobileNetV2 was trained on RGB images scaled to [0, 1] and normalised by ImageNet's mean/std, so
 the config must say ``INPUT.FORMAT: RGB`` and ``PIXEL_MEAN/STD`` = 255 x those (checked here).
 """
@@ -175,10 +177,24 @@ def _mobilenet_weights_from_cfg(cfg):
     return imagenet_mobilenet_v2_weights() if w == "" else w
 
 
+class LastLevelP6(LastLevelP6P7):
+    """The top block of a P2-P6 pyramid: P6 alone, the paper's 3x3 stride-2 conv on C5."""
+
+    def __init__(self, in_channels, out_channels, in_feature="c5"):
+        super().__init__(in_channels, out_channels, in_feature)
+        del self.p7
+        self.num_levels = 1
+
+    def forward(self, c5):
+        return [self.p6(c5)]
+
+
 @BACKBONE_REGISTRY.register()
 def build_mobilenet_v2_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
-    MobileNetV2 + FPN on MODEL.FPN.IN_FEATURES (e.g. c3-c5) + P6/P7 from C5: RetinaNet's P3-P7.
+    MobileNetV2 + FPN on MODEL.FPN.IN_FEATURES + levels from C5 above P5: on c3-c5, P6 and P7
+    (RetinaNet's P3-P7); on c2-c5, P6 alone when MODEL.RETINANET.IN_FEATURES stops at p6 (P2-P6),
+    so no unused level is computed.
     """
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     if input_shape.channels != 3:
@@ -190,11 +206,17 @@ def build_mobilenet_v2_fpn_backbone(cfg, input_shape: ShapeSpec):
         weights=_mobilenet_weights_from_cfg(cfg),
     )
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    c5_channels = bottom_up.output_shape()["c5"].channels
+    top_block = (
+        LastLevelP6(c5_channels, out_channels)
+        if "p7" not in cfg.MODEL.RETINANET.IN_FEATURES
+        else LastLevelP6P7(c5_channels, out_channels, "c5")
+    )
     return FPN(
         bottom_up=bottom_up,
         in_features=in_features,
         out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(bottom_up.output_shape()["c5"].channels, out_channels, "c5"),
+        top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
