@@ -51,7 +51,8 @@ def test_table_reads_the_runs_and_marks_missing_ones(tmp_path):
     rows = sel.collect(tmp_path)
     assert [r["probe"] for r in rows] == [p[0] for p in sel.PROBES]
     table = sel.to_markdown(rows)
-    assert "| chosen | + 16 crops of 200 px per batch (the demo config) | 21.2 | 59.4 | 9.3 |" in table
+    what = "+ 16 crops of 200 px per batch (the demo config)"
+    assert f"| chosen | {what} | 21.2 | 59.4 | 9.3 |" in table
     assert "| 271 | 2 | abc1234567 |" in table
     assert table.count("not run") == (len(sel.PROBES) - 1) * (len(sel.METRICS) + 3)
     assert sel.run_probe("chosen", tmp_path, threads=1) == "finished"  # resumable: not rerun
