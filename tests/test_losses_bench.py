@@ -33,8 +33,11 @@ def test_demo_scale_follows_the_demo_config():
     per_cell = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0]) * len(
         cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0]
     )
+    # level "pN" has stride 2^N (P3-P7 in the paper; the demo uses P2-P6)
+    strides = [2 ** int(f[1:]) for f in cfg.MODEL.RETINANET.IN_FEATURES]
     assert (scale["height"], scale["width"]) == (side, side)
-    assert scale["anchors_per_image"] == loss_bench.num_anchors(side, side, per_cell=per_cell)[0]
+    expected = loss_bench.num_anchors(side, side, strides=strides, per_cell=per_cell)[0]
+    assert scale["anchors_per_image"] == expected
     assert scale["images"] == cfg.SOLVER.IMS_PER_BATCH
     assert scale["num_classes"] == cfg.MODEL.RETINANET.NUM_CLASSES
 
