@@ -81,7 +81,7 @@ LABEL_TO_CATEGORY = {"Tree": "tree", "Dead": "tree", "Alive": "tree"}
 CATEGORIES = [{"id": 1, "name": "tree", "supercategory": "plant"}]
 
 # Bump when the build's output changes for the same parameters: invalidates cached builds.
-_BUILD_FORMAT = 2
+_BUILD_FORMAT = 3
 _DEFAULT_PARAMS = {
     "tile_size": 400,  # the size of the two 400x400 images; ~40 px crowns stay ~40 px
     "min_overlap": 100,  # > the largest crown (107 px), so every crown is whole in some tile
@@ -205,7 +205,9 @@ def _build(out_dir, wheel, sources, params):
                 )
                 image_id += 1
                 file_name = f"{stem}_x{x0}_y{y0}.png"
-                image.crop((x0, y0, x1, y1)).save(img_dir / file_name)
+                # Uncompressed PNG (same pixels): decoding it is ~4x faster, and the demo's
+                # loader decodes 16 tiles per iteration in the training process.
+                image.crop((x0, y0, x1, y1)).save(img_dir / file_name, compress_level=0)
                 coco[split]["images"].append(
                     {
                         "id": image_id,
