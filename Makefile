@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) -m focal_det.demo_job $(DEMO_ARGS)
+	$(PY) -m focal_det.demo $(DEMO_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -20,7 +20,7 @@ from detectron2.engine import default_argument_parser, launch
 
 import focal_det  # noqa: F401  (registers FocalRetinaNet, heads, losses)
 from focal_det.engine import main as _main
-from focal_det.engine.launch import dist_url_problem
+from focal_det.engine.launch_checks import dist_url_problem
 
 
 def main(args):

@@ -116,7 +116,7 @@ def demo_scale(config_file=DEMO_CONFIG):
 
     from focal_det import add_focal_config
     from focal_det.config_check import merge_config_file
-    from focal_det.data.deepforest import _DEFAULT_PARAMS
+    from focal_det.demo.deepforest import _DEFAULT_PARAMS
 
     cfg = get_cfg()
     add_focal_config(cfg)

@@ -1,7 +1,7 @@
 """
 Every YAML under configs/ loads, builds, and states the paper's hyper-parameters.
 
-The expected values below are the paper's tables and Sec 4 (PAPER.md), written out here as the
+The expected values below are the paper's tables and Sec 4 (docs/paper.md), written out here as the
 paper writes them; the test reads the values from the merged config (never from file names).
 Most rows only differ in loss / anchors / input size, so every config builds its loss and its
 anchor generator; one full model per backbone (R-50, R-101, X-101-32x8d, the tiny quick one) is

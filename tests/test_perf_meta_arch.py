@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from synthetic_detection import tiny_cfg
 
-from focal_det.modeling import fast_ops
+from focal_det.modeling import speed_switches
 
 SWITCHES = ["MODEL.FOCAL.CHANNELS_LAST", True, "MODEL.FOCAL.FOLD_FROZEN_BN", True]
 
@@ -96,7 +96,7 @@ def test_speed_switches_and_fast_inference_match_detectron2_detections():
 
 
 def test_compile_head_falls_back_to_eager_with_a_warning(monkeypatch):
-    monkeypatch.setitem(fast_ops._COMPILE_PROBE, "cpu", (False, "no compiler here (test)"))
+    monkeypatch.setitem(speed_switches._COMPILE_PROBE, "cpu", (False, "no compiler here (test)"))
     model = _build(_cfg(opts=["MODEL.FOCAL.COMPILE_HEAD", True]))
     ref = _build(_cfg())
     model.load_state_dict(ref.state_dict())

@@ -18,7 +18,7 @@ import json, os, sys
 import focal_det
 from focal_det import model_zoo
 from focal_det.config_check import merge_config_file
-from focal_det.demo_job import DEFAULT_CONFIG
+from focal_det.demo.job import DEFAULT_CONFIG
 from detectron2.config import get_cfg
 cfg = get_cfg(); focal_det.add_focal_config(cfg); merge_config_file(cfg, DEFAULT_CONFIG)
 print(json.dumps({
