@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402  (the top-level inference command)
 
+pytestmark = pytest.mark.slow  # make demo end to end (-m "not slow" skips it locally)
+
 SUBSET = {"SOAP_061": "train", "OSBS_029": "val"}  # one 400 px tile each: fast
 TINY = [
     "MODEL.FPN.OUT_CHANNELS", "32",  # GroupNorm's 32 groups

@@ -131,6 +131,7 @@ def test_compiled_head_is_refused_with_a_fix():
         ExportableRetinaNet(build_model(cfg))
 
 
+@pytest.mark.slow
 def test_export_model_tool_writes_file_and_config_and_checks_itself(model, tmp_path):
     cfg = tiny_cfg()
     cfg_path = tmp_path / "tiny.yaml"
@@ -165,6 +166,7 @@ def _json_detections(image_result):
     )
 
 
+@pytest.mark.slow
 def test_demo_py_backends_give_the_pytorch_detections(model, exported, tmp_path):
     import synthetic_detection
 

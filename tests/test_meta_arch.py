@@ -238,6 +238,7 @@ def _all_reduce_worker(rank, tmp, model):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_normalizer_all_reduce_with_two_gloo_processes(tmp_path):
     import torch.multiprocessing as mp
 

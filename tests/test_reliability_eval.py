@@ -151,6 +151,7 @@ def _gloo_worker(tmp):
     torch.save({"res": dict(res), "n": len(mine)}, os.path.join(tmp, f"rank{comm.get_rank()}.pth"))
 
 
+@pytest.mark.slow
 def test_streaming_gathers_across_two_gloo_processes(tmp_path, monkeypatch):
     import socket
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from repo_scripts import REPO  # noqa: I001  (tests/ helper)
 
 _PROBE = """
@@ -41,6 +42,7 @@ def _repo_configs():
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_wheel_install_ships_the_configs(tmp_path):
     src = tmp_path / "src"  # pip builds in the source folder: build from a copy, not the repo
     src.mkdir()

@@ -80,6 +80,7 @@ _DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     data = str(tmp_path / "data")
     synthetic_detection.register(DATASET, data, num_images=6)

@@ -34,10 +34,17 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-import focal_det  # noqa: F401  (registers FocalRetinaNet, the backbones)
-from focal_det.engine import Trainer, load_config
-from focal_det.export import EagerRunner, export_retinanet, load_runner, resize_for_test
-from focal_det.export.exporters import FORMATS, compare_detections
+# The focal_det of this checkout (an editable install may point at another one).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import focal_det  # noqa: E402,F401  (registers FocalRetinaNet, the backbones)
+from focal_det.engine import Trainer, load_config  # noqa: E402
+from focal_det.export import (  # noqa: E402
+    EagerRunner,
+    export_retinanet,
+    load_runner,
+    resize_for_test,
+)
+from focal_det.export.exporters import FORMATS, compare_detections  # noqa: E402
 
 logger = logging.getLogger("focal_det.export")
 
