@@ -5,7 +5,7 @@ Train or evaluate a focal_det model with detectron2's engine.
 Examples (see README "Training and evaluation on COCO"):
 
     # Table 1b's best row on 8 GPUs
-    ./train_net.py --config-file configs/table1b/retinanet_R_50_FPN_600_gamma2.0_alpha0.25.yaml \
+    ./train_net.py --config-file configs/table1b/retinanet_R_50_FPN_600_fl_gamma2.0_alpha0.25.yaml \
         --num-gpus 8
     # evaluate a checkpoint
     ./train_net.py --config-file configs/retinanet_R101_FPN_800.yaml --eval-only \

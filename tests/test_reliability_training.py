@@ -229,6 +229,7 @@ def _run(argv):
     return trainer
 
 
+@pytest.mark.slow
 def test_divergence_advice_followed_literally_trains_to_the_end(tmp_path, caplog):
     import re
 

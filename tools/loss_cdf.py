@@ -112,7 +112,6 @@ def per_anchor_losses(
     return torch.stack(cols, dim=1)
 
 
-@torch.no_grad()
 def _sigmoid_logits_problem(model):
     """Why ``model``'s logits are not Figure 4's (K sigmoid logits per anchor), or None."""
     if getattr(model, "sigmoid_class_scores", lambda: True)():
@@ -127,6 +126,7 @@ def _sigmoid_logits_problem(model):
     )
 
 
+@torch.no_grad()
 def collect_anchor_losses(
     model,
     data_loader,

@@ -204,8 +204,8 @@ def _build(out_dir, wheel, sources, params):
                 )
                 image_id += 1
                 file_name = f"{stem}_x{x0}_y{y0}.png"
-                # Uncompressed PNG (same pixels): decoding it is ~4x faster, and the demo's
-                # loader decodes 16 tiles per iteration in the training process.
+                # Uncompressed PNG (same pixels): much faster to decode, and the demo's loader
+                # decodes 16 tiles per iteration in the training process.
                 image.crop((x0, y0, x1, y1)).save(img_dir / file_name, compress_level=0)
                 coco[split]["images"].append(
                     {
