@@ -253,6 +253,7 @@ def run_demo(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
+        prog="python -m focal_det.demo",
         description="make demo: train + evaluate RetinaNet (focal loss) on deepforest tree crowns",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,

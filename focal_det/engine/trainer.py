@@ -100,7 +100,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger(name="focal_det")  # DefaultTrainer sets up detectron2's logger only
-        with self._own_builders(DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())):
+        with self._own_builders(cfg):
             super().__init__(cfg)
 
     @contextlib.contextmanager
@@ -108,8 +108,8 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer.__init__ calls two module-level functions of detectron2.engine.defaults
         # that no subclass can override: create_ddp_model (device_ids=[local_rank] even for a
         # CPU model, which PyTorch refuses) and DetectionCheckpointer. While it runs, they are
-        # this class's build_ddp_model and build_checkpointer (``cfg``: the config it builds
-        # everything else from, after auto_scale_workers).
+        # this class's build_ddp_model and build_checkpointer, given ``cfg`` (its
+        # auto_scale_workers changes only the batch size, the LR and the schedule).
         def ddp(model, **kwargs):
             return self.build_ddp_model(cfg, model)
 
