@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   -- set-up if needed, then the main job on the embedded default (CPU, no COCO)
-#   make test   -- set-up if needed, then lint + the test suite
+#   make test   -- set-up if needed, then lint + the whole test suite (CI); locally
+#                  make test PYTEST_ARGS='-m "not slow"' skips the long end-to-end tests
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 
@@ -9,7 +10,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) -m focal_det.demo_job $(DEMO_ARGS)
+	$(PY) -m focal_det.demo $(DEMO_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -35,11 +35,11 @@ from detectron2.utils.logger import setup_logger
 
 import focal_det  # noqa: F401  (registers FocalRetinaNet, the MobileNetV2-FPN, the datasets)
 from focal_det import add_focal_config
+from focal_det.checkpoint import CheckpointFormatError, MissingWeightsError, check_eval_weights
 from focal_det.config_check import ConfigError, merge_config_file, merge_config_list
 from focal_det.data.sanitize import read_image
-from focal_det.demo_job import PRED_COLOR, draw_boxes, predict
-from focal_det.engine.safe_checkpoint import CheckpointFormatError
-from focal_det.engine.trainer import MissingWeightsError, check_eval_weights
+from focal_det.demo.job import PRED_COLOR, ModelPredictor, draw_boxes
+from focal_det.engine import Trainer
 
 logger = logging.getLogger("focal_det.demo")
 
@@ -102,8 +102,6 @@ def load_model(weights, config_file=None, opts=()):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     model = build_model(cfg)
-    from focal_det.engine import Trainer
-
     checkpointer = Trainer.build_checkpointer(cfg, model)
     checkpointer.load(cfg.MODEL.WEIGHTS)
     check_eval_weights(cfg, model, checkpointer, "demo.py")  # not another model's / empty weights
@@ -127,7 +125,8 @@ def load_detector(backend, weights, config_file=None, opts=()):
         )
     if backend == "pytorch":
         model, cfg = load_model(weights, config_file, opts)
-        return (lambda img: predict(model, cfg, img)), cfg
+        predictor = ModelPredictor(cfg, model)  # detectron2's DefaultPredictor takes BGR
+        return (lambda img: predictor(img[:, :, ::-1])["instances"].to("cpu")), cfg
     from focal_det.export import detect, load_runner
 
     cfg = load_config(weights, config_file, opts)

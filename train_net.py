@@ -5,7 +5,7 @@ Train or evaluate a focal_det model with detectron2's engine.
 Examples (see README "Training and evaluation on COCO"):
 
     # Table 1b's best row on 8 GPUs
-    ./train_net.py --config-file configs/table1b/retinanet_R_50_FPN_600_gamma2.0_alpha0.25.yaml \
+    ./train_net.py --config-file configs/table1b/retinanet_R_50_FPN_600_fl_gamma2.0_alpha0.25.yaml \
         --num-gpus 8
     # evaluate a checkpoint
     ./train_net.py --config-file configs/retinanet_R101_FPN_800.yaml --eval-only \
@@ -20,7 +20,7 @@ from detectron2.engine import default_argument_parser, launch
 
 import focal_det  # noqa: F401  (registers FocalRetinaNet, heads, losses)
 from focal_det.engine import main as _main
-from focal_det.engine.launch import dist_url_problem
+from focal_det.engine.launch_checks import dist_url_problem
 
 
 def main(args):

@@ -37,6 +37,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Every benchmark imports this module before focal_det: the focal_det of this checkout, not the
+# one the environment has installed (an editable install may point at another checkout).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 DOCS = REPO / "docs" / "benchmarks.md"
 RESULTS = REPO / "benchmarks" / "results"
 

@@ -5,7 +5,7 @@ loss settings, as ``make demo`` trains it) and through detectron2's own ``Retina
 meta-architecture (the same config file with ``MODEL.META_ARCHITECTURE RetinaNet``, hence
 detectron2's loss settings: EMA loss normaliser, low-quality matches whatever their IoU, and its
 inference), on the same data, schedule, threads and machine. Each run is ``python -m
-focal_det.demo_job`` in its own process; the table compares their COCO AP on the config's test
+focal_det.demo`` in its own process; the table compares their COCO AP on the config's test
 split and their wall time.
 
     flock /tmp/focal_bench.lock .venv/bin/python benchmarks/demo_vs_detectron2.py --threads 2
@@ -35,7 +35,7 @@ def run_variant(config_file, output_dir, opts, threads):
     """Train + evaluate one variant with the demo job; returns its demo_results.json."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [
-        sys.executable, "-m", "focal_det.demo_job", "--config-file", str(config_file),
+        sys.executable, "-m", "focal_det.demo", "--config-file", str(config_file),
         "--output-dir", str(output_dir), "--num-vis", "4", *opts,
     ]
     print("$ " + " ".join(cmd), flush=True)

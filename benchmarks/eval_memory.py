@@ -20,14 +20,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+sys.path.insert(0, HERE)
+import bench_common as bc  # noqa: E402
 
 
 def _child(kind, gt_json, num_images, dets, out_dir, chunk_images):
@@ -49,7 +43,7 @@ def _child(kind, gt_json, num_images, dets, out_dir, chunk_images):
     ev.reset()
     rng = np.random.RandomState(1)
     h, w = 480, 640
-    base = _status_kb("VmRSS")
+    base = bc.rss_mb()
     for i in range(num_images):
         x0 = rng.uniform(0, w - 100, dets)
         y0 = rng.uniform(0, h - 100, dets)
@@ -60,10 +54,10 @@ def _child(kind, gt_json, num_images, dets, out_dir, chunk_images):
         inst.scores = torch.tensor(rng.uniform(size=dets), dtype=torch.float32)
         inst.pred_classes = torch.tensor(rng.randint(0, 80, dets))
         ev.process([{"image_id": i + 1, "height": h, "width": w}], [{"instances": inst}])
-    held = _status_kb("VmRSS") - base
+    held = bc.rss_mb() - base
     res = ev.evaluate()
-    peak = _status_kb("VmHWM") - base
-    print(json.dumps({"held_kb": held, "peak_kb": peak, "AP": res["bbox"]["AP"]}))
+    peak = bc.peak_rss_mb() - base
+    print(json.dumps({"held_mb": held, "peak_mb": peak, "AP": res["bbox"]["AP"]}))
 
 
 def _write_gt(path, num_images):
@@ -113,11 +107,11 @@ def main():
           f"chunks of {args.chunk_images} images (python {sys.version.split()[0]})")
     print(f"{'evaluator':<12} {'held after inference':>22} {'peak over baseline':>20} {'AP':>8}")
     for kind, r in rows.items():
-        print(f"{kind:<12} {r['held_kb'] / 1024:>19.1f} MB {r['peak_kb'] / 1024:>17.1f} MB "
-              f"{r['AP']:>8.4f}")
+        print(f"{kind:<12} {r['held_mb']:>19.1f} MB {r['peak_mb']:>17.1f} MB {r['AP']:>8.4f}")
     d, s = rows["detectron2"], rows["streaming"]
-    print(f"ratio detectron2/streaming: held {d['held_kb'] / max(s['held_kb'], 1):.1f}x, "
-          f"peak {d['peak_kb'] / max(s['peak_kb'], 1):.2f}x; same AP: {d['AP'] == s['AP']}")
+    kib = 1 / 1024
+    print(f"ratio detectron2/streaming: held {d['held_mb'] / max(s['held_mb'], kib):.1f}x, "
+          f"peak {d['peak_mb'] / max(s['peak_mb'], kib):.2f}x; same AP: {d['AP'] == s['AP']}")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# the focal_det next to this script, not whichever checkout the venv has installed
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_common as bc  # noqa: E402
 from bench_common import num_anchors  # noqa: E402  (part of this script's API: tests use it)
@@ -116,7 +114,7 @@ def demo_scale(config_file=DEMO_CONFIG):
 
     from focal_det import add_focal_config
     from focal_det.config_check import merge_config_file
-    from focal_det.data.deepforest import _DEFAULT_PARAMS
+    from focal_det.demo.deepforest import _DEFAULT_PARAMS
 
     cfg = get_cfg()
     add_focal_config(cfg)
@@ -199,14 +197,6 @@ def fwd_bwd(fn, x):
 # ---------------------------------------------------------------------------------------------
 # memory: one variant per fresh process (CPU), or CUDA allocator statistics
 # ---------------------------------------------------------------------------------------------
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(args):
     """Runs in a fresh process: prints the peak extra RSS (bytes) of one forward + backward."""
     torch.set_num_threads(args.threads)
@@ -222,12 +212,11 @@ def memory_child(args):
     import gc
 
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _rss_kib("VmRSS")
+    if not bc.reset_peak_rss():  # VmHWM back to the current RSS
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): Linux >= 4.0 only")
+    before = bc.rss_mb()
     fwd_bwd(fn, x)
-    peak = _rss_kib("VmHWM")
-    print(json.dumps({"peak_extra_bytes": (peak - before) * 1024}))
+    print(json.dumps({"peak_extra_bytes": round((bc.peak_rss_mb() - before) * 2**20)}))
 
 
 def measure_memory_cpu(args, scale, name, dtype_name):

@@ -3,7 +3,7 @@ Side-by-side speed and memory of RetinaNet R50-FPN implementations, in ONE run:
 
   ours         focal_det FocalRetinaNet, default config (+ --ours-opts)
   ours_fast    FocalRetinaNet with the speed switches: MODEL.FOCAL.CHANNELS_LAST=True and
-               MODEL.FOCAL.FOLD_FROZEN_BN=True (numerically equal, see fast_ops.py)
+               MODEL.FOCAL.FOLD_FROZEN_BN=True (numerically equal: modeling/speed_switches.py)
   ours_compiled  ours_fast + MODEL.FOCAL.COMPILE_HEAD=True (not in the default list: compiling
                the head takes minutes on a 2-core CPU)
   d2           detectron2's RetinaNet, same config, same weights

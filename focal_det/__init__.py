@@ -7,16 +7,18 @@ Importing this package registers, as a side effect:
     ``ANCHOR_GENERATOR_REGISTRY``;
   * the heads in ``focal_det.modeling.FOCAL_HEAD_REGISTRY``;
   * the classification losses in ``focal_det.losses.FOCAL_LOSS_REGISTRY``;
-  * the demo's ``build_mobilenet_v2_fpn_backbone`` in detectron2's ``BACKBONE_REGISTRY``;
-  * the demo's datasets ``deepforest_trees_train`` / ``deepforest_trees_val`` (focal_det.data).
+  * the demo's ``build_mobilenet_v2_fpn_backbone`` in detectron2's ``BACKBONE_REGISTRY`` and its
+    datasets ``deepforest_trees_*`` (``focal_det.demo``).
+
+The layout and which module may import which: docs/architecture.md.
 """
 __version__ = "0.1.0"
 
 from . import (
-    data,  # noqa: E402,F401  (registers the demo datasets deepforest_trees_train/_val)
+    demo,  # noqa: E402,F401  (registers the demo's backbone and datasets)
     losses,  # noqa: E402,F401  (registers the losses)
-    modeling,  # noqa: E402,F401  (registers meta-arch, heads, backbones)
+    modeling,  # noqa: E402,F401  (registers the meta-architecture, heads, anchor generator)
 )
 from .config import add_focal_config  # noqa: E402,F401
 
-__all__ = ["add_focal_config", "data", "losses", "modeling", "__version__"]
+__all__ = ["add_focal_config", "demo", "losses", "modeling", "__version__"]

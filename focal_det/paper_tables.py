@@ -4,7 +4,8 @@ in ONE place, so that tools and docs compare against the same values.
 
 Each table is a :class:`PaperTable`: ``setting`` names the columns that identify a row (the
 experiment's knobs), ``metrics`` the reported columns. A row is a plain dict. Values are copied
-from the paper (see /work/shared/PAPER.md); "-" / "n/a" settings are ``None``.
+from the paper (docs/paper.md lists them with their captions); "-" / "n/a" settings are
+``None``.
 
 Example::
 

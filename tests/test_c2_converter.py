@@ -1,6 +1,6 @@
 """
 The Detectron (Caffe2) RetinaNet converter: a randomly initialised FocalRetinaNet is written as a
-Detectron-named pickle with the inverse mapping and loaded back into a differently initialised
+Detectron-named pickle (tests/detectron_blobs.py) and loaded back into a differently initialised
 model through FocalCheckpointer; the outputs must be identical.
 """
 import logging
@@ -10,13 +10,10 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron_blobs import detectron_blobs  # noqa: I001  (tests/ helper)
 
 import focal_det  # noqa: F401
-from focal_det.checkpoint import (
-    FocalCheckpointer,
-    detectron_to_focal_names,
-    focal_to_detectron_names,
-)
+from focal_det.checkpoint import FocalCheckpointer, detectron_to_focal_names
 from focal_det.model_zoo import get_config
 
 CFG = "zoo/Detectron/retinanet_R-50-FPN_1x.yaml"
@@ -49,7 +46,7 @@ def _outputs(model, image):
 @pytest.fixture(scope="module")
 def random_model_and_pickle(tmp_path_factory):
     model = _model(seed=1)
-    blobs = focal_to_detectron_names(model.state_dict())
+    blobs = detectron_blobs(model.state_dict())
     # What a Detectron model_final.pkl holds: {"blobs": ..., "cfg": yaml}, with momentum blobs.
     blobs_with_solver = dict(blobs)
     blobs_with_solver["retnet_cls_pred_fpn3_w_momentum"] = np.zeros(1, dtype=np.float32)
@@ -108,26 +105,6 @@ def test_detectron_pickle_loads_with_identical_outputs(random_model_and_pickle, 
     assert torch.equal(ref[2].pred_boxes.tensor, got[2].pred_boxes.tensor)
     assert torch.equal(ref[2].scores, got[2].scores)
     assert torch.equal(ref[2].pred_classes, got[2].pred_classes)
-
-
-def test_frozen_bn_statistics_are_folded_on_export():
-    # A FrozenBN with non-trivial statistics (e.g. converted from a torchvision model) is
-    # exported as AffineChannel s, b computing the same function.
-    from detectron2.layers import FrozenBatchNorm2d
-
-    bn = FrozenBatchNorm2d(6)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
-    sd = {f"backbone.bottom_up.stem.conv1.norm.{k}": v for k, v in bn.state_dict().items()}
-    sd["backbone.bottom_up.stem.conv1.weight"] = torch.zeros(6, 3, 7, 7)
-    blobs = focal_to_detectron_names(sd)
-    x = torch.randn(2, 6, 4, 4)
-    s = torch.as_tensor(blobs["res_conv1_bn_s"])[None, :, None, None]
-    b = torch.as_tensor(blobs["res_conv1_bn_b"])[None, :, None, None]
-    torch.testing.assert_close(x * s + b, bn(x), rtol=1e-5, atol=1e-5)
 
 
 def test_backbone_mapping_agrees_with_detectron2_c2_loader(random_model_and_pickle):

@@ -16,8 +16,8 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from PIL import Image
 from pycocotools.coco import COCO
 
-from focal_det.data import deepforest as df
-from focal_det.data import wheels
+from focal_det.demo import deepforest as df
+from focal_det.demo import wheels
 
 SUBSET = {"OSBS_029": "train", "2019_YELL_2_541000_4977000_image_crop": "val"}
 

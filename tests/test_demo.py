@@ -15,12 +15,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from focal_det.data import register_deepforest_trees
-from focal_det.demo_job import run_demo
+from focal_det.demo import register_deepforest_trees
+from focal_det.demo.job import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402  (the top-level inference command)
+
+pytestmark = pytest.mark.slow  # make demo end to end (-m "not slow" skips it locally)
 
 SUBSET = {"SOAP_061": "train", "OSBS_029": "val"}  # one 400 px tile each: fast
 TINY = [

@@ -17,7 +17,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from focal_det.evaluation import FocalCOCOEvaluator
+from focal_det.evaluation import FocalCOCOEvaluator, StreamingCOCOEvaluator
 from focal_det.evaluation.coco import evaluate_with_faster_coco_eval
 
 pytest.importorskip("faster_coco_eval")
@@ -133,8 +133,9 @@ def test_evaluator_same_results_with_both_impls(tmp_path):
     assert {d["category_id"] for d in res["pycocotools_json"]} <= {1, 2, 3, 4, 5}
 
 
+@pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("impl", ["pycocotools", "faster-coco-eval"])
-def test_test_dev_writes_results_json_and_says_so(tmp_path, caplog, impl):
+def test_test_dev_writes_results_json_and_says_so(tmp_path, caplog, impl, streaming):
     gt, dets = random_coco(3, n_img=5)
     _register("fdet_eval_testdev", gt, with_annotations=False)
     # A test-dev style annotation file: images and categories only.
@@ -143,15 +144,21 @@ def test_test_dev_writes_results_json_and_says_so(tmp_path, caplog, impl):
         json.dump({"images": gt["images"], "categories": gt["categories"]}, f)
     MetadataCatalog.get("fdet_eval_testdev").set(json_file=gt_file)
     out = str(tmp_path / "out")
-    ev = FocalCOCOEvaluator("fdet_eval_testdev", tasks=("bbox",), distributed=False,
-                            output_dir=out, impl=impl)  # fmt: skip
+    kw = dict(tasks=("bbox",), distributed=False, output_dir=out, impl=impl)
+    if streaming:
+        ev = StreamingCOCOEvaluator("fdet_eval_testdev", chunk_images=2, **kw)
+    else:
+        ev = FocalCOCOEvaluator("fdet_eval_testdev", **kw)
     with caplog.at_level(logging.WARNING, logger="focal_det.evaluation.coco"):
         res = _run(ev, gt, dets)
     assert "bbox" not in res  # no AP without annotations
-    with open(os.path.join(out, "coco_instances_results.json")) as f:
+    path = os.path.join(out, "coco_instances_results.json")
+    with open(path) as f:
         written = json.load(f)
     assert len(written) == len(dets)
-    assert "evaluation server" in caplog.text and "coco_instances_results.json" in caplog.text
+    # The log names the file it wrote (the streaming evaluator used to say "nothing written").
+    assert "evaluation server" in caplog.text and path in caplog.text
+    assert "nothing written" not in caplog.text
 
 
 def test_bad_impl_is_a_clear_error():

@@ -63,6 +63,7 @@ def exported(model, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", sorted(BACKEND))
 def test_exported_graph_gives_eager_detections_at_other_sizes(model, exported, fmt):
     runner = load_runner(BACKEND[fmt], exported[fmt])
@@ -75,6 +76,7 @@ def test_exported_graph_gives_eager_detections_at_other_sizes(model, exported, f
         assert got[0][:, 2].max() <= size[1] and got[0][:, 3].max() <= size[0]  # clipped
 
 
+@pytest.mark.slow
 def test_exported_graph_equals_detectron2_retinanet_with_the_same_weights(model, exported):
     d2 = build_model(tiny_cfg("RetinaNet")).eval()
     assert type(d2) is RetinaNet
@@ -101,6 +103,7 @@ def test_the_detections_limit_is_exercised(model):
     assert min(counts) > 5 * limit
 
 
+@pytest.mark.slow
 def test_onnx_graph_has_dynamic_height_width_and_onnx_nms(exported):
     proto = onnx.load(exported["onnx"])
     dims = proto.graph.input[0].type.tensor_type.shape.dim
@@ -131,6 +134,7 @@ def test_compiled_head_is_refused_with_a_fix():
         ExportableRetinaNet(build_model(cfg))
 
 
+@pytest.mark.slow
 def test_export_model_tool_writes_file_and_config_and_checks_itself(model, tmp_path):
     cfg = tiny_cfg()
     cfg_path = tmp_path / "tiny.yaml"
@@ -165,6 +169,7 @@ def _json_detections(image_result):
     )
 
 
+@pytest.mark.slow
 def test_demo_py_backends_give_the_pytorch_detections(model, exported, tmp_path):
     import synthetic_detection
 

@@ -1,5 +1,5 @@
 """
-Tests of focal_det.losses: closed forms (PAPER.md, Appendix B) in float64, fvcore equality in
+Tests of focal_det.losses: closed forms (docs/paper.md, Appendix B) in float64, fvcore equality in
 float32, stability, label-based == one-hot, the registered modules and OHEM's selection.
 All tensors are small; the compiled path is exercised in tests/test_losses_compiled.py only.
 """
@@ -31,7 +31,7 @@ def _data(n=40, k=5, dtype=torch.float64, scale=4.0, seed=0):
     return x, t
 
 
-# --- closed forms, written straight from PAPER.md --------------------------------------------
+# --- closed forms, written straight from docs/paper.md --------------------------------------------
 def _closed_form(x, t, alpha, gamma, kind="fl", beta=0.0):
     """
     FL / FL* and their Appendix-B gradients in x's dtype. p_t, 1 - p_t and log p_t are each

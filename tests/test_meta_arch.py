@@ -14,7 +14,7 @@ from synthetic_detection import tiny_cfg as _tiny_cfg
 
 import focal_det.modeling.meta_arch as meta_arch_module
 from focal_det.losses import ClassificationLossOutput, DenseClassificationLoss
-from focal_det.modeling import FocalRetinaNet
+from focal_det.modeling import FocalRetinaNet, NonFiniteLossError
 from focal_det.modeling.matcher import RetinaNetMatcher
 
 NUM_CLASSES = 3
@@ -238,6 +238,7 @@ def _all_reduce_worker(rank, tmp, model):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_normalizer_all_reduce_with_two_gloo_processes(tmp_path):
     import torch.multiprocessing as mp
 
@@ -641,8 +642,10 @@ def test_non_finite_loss_raises_with_iteration_names_and_hint():
     with torch.no_grad():
         model.head.cls_score.bias.fill_(float("nan"))
     with EventStorage(start_iter=7):
-        with pytest.raises(FloatingPointError) as err:
+        with pytest.raises(NonFiniteLossError) as err:
             model(make_batch(seed=9))
+    assert err.value.iteration == 7 and err.value.non_finite == ["loss_cls"]
+    assert set(err.value.losses) == {"loss_cls", "loss_box_reg"}
     msg = str(err.value)
     assert "iteration 7" in msg
     assert "loss_cls=nan" in msg and "loss_box_reg=" in msg

@@ -12,8 +12,8 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 
 from focal_det import add_focal_config
-from focal_det.data.wheels import sha256_of
-from focal_det.modeling.backbone import mobilenet as mb
+from focal_det.demo import mobilenet as mb
+from focal_det.utils.files import sha256_of_file
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _cfg(**mobilenet):
 
 def test_weights_file_is_the_pinned_torchvision_file(weights):
     assert weights.name == "mobilenet_v2-b0353104.pth"
-    assert sha256_of(weights) == mb.WEIGHTS_SHA256
+    assert sha256_of_file(weights) == mb.WEIGHTS_SHA256
     assert mb.imagenet_mobilenet_v2_weights() == weights  # cached: no second extraction
 
 

@@ -33,16 +33,6 @@ def test_unknown_and_untrained_names_are_clear_errors():
         model_zoo.get_config("table1a/retinanet_R_50_FPN_600_ce_alpha0.75.yaml", trained=True)
 
 
-def test_trained_urls():
-    cfg = model_zoo.get_config("zoo/detectron2/retinanet_R_50_FPN_1x.yaml", trained=True)
-    assert cfg.MODEL.WEIGHTS == (
-        "detectron2://COCO-Detection/retinanet_R_50_FPN_1x/190397773/model_final_bfca0b.pkl"
-    )
-    url = model_zoo.get_checkpoint_url("zoo/Detectron/retinanet_R-101-FPN_2x.yaml")
-    assert url.startswith("https://dl.fbaipublicfiles.com/detectron/36768840/")
-    assert url.endswith("/retinanet/model_final.pkl")
-
-
 def _random_state(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_suite_smoke_runs_on_cpu(tmp_path):
     doc = REPO / "docs" / "benchmarks.md"
     doc_before = doc.read_text() if doc.exists() else None

@@ -4,6 +4,9 @@ its logits-based inference: same losses, gradients and detections as without the
 detectron2's RetinaNet, same checkpoint keys, and a clean fallback when torch.compile is not
 usable. Numerical equality only; speed is measured by benchmarks/model_bench.py.
 """
+import copy
+import warnings
+
 import pytest
 import torch
 from detection_asserts import assert_same_detections  # noqa: I001  (tests/ helper)
@@ -13,7 +16,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from synthetic_detection import tiny_cfg
 
-from focal_det.modeling import fast_ops
+from focal_det.modeling import speed_switches
 
 SWITCHES = ["MODEL.FOCAL.CHANNELS_LAST", True, "MODEL.FOCAL.FOLD_FROZEN_BN", True]
 
@@ -96,7 +99,7 @@ def test_speed_switches_and_fast_inference_match_detectron2_detections():
 
 
 def test_compile_head_falls_back_to_eager_with_a_warning(monkeypatch):
-    monkeypatch.setitem(fast_ops._COMPILE_PROBE, "cpu", (False, "no compiler here (test)"))
+    monkeypatch.setitem(speed_switches._COMPILE_PROBE, "cpu", (False, "no compiler here (test)"))
     model = _build(_cfg(opts=["MODEL.FOCAL.COMPILE_HEAD", True]))
     ref = _build(_cfg())
     model.load_state_dict(ref.state_dict())
@@ -106,3 +109,28 @@ def test_compile_head_falls_back_to_eager_with_a_warning(monkeypatch):
     ref_losses, _ = _losses_and_grads(ref, _batch())
     for k in ref_losses:
         torch.testing.assert_close(losses[k], ref_losses[k])
+
+
+@pytest.mark.parametrize("compiler_works", [True, False])
+def test_a_deepcopy_of_a_compiled_head_model_runs_its_own_parameters(monkeypatch, compiler_works):
+    # EMA and TTA deep-copy the model: the copy's head, compiled or fallen back to eager, must
+    # compute with the copy's weights, not the original's.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
+    why = "" if compiler_works else "no compiler here (test)"
+    monkeypatch.setitem(speed_switches._COMPILE_PROBE, "cpu", (compiler_works, why))
+    model = _build(_cfg(opts=["MODEL.FOCAL.COMPILE_HEAD", True])).eval()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.head.parameters():
+            p.mul_(-1.5)
+        features = model.backbone(_batch()[0]["image"][None].float())
+        features = [features[f] for f in model.head_in_features]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning
+            outputs = {"model": model.head(features), "twin": twin.head(features)}
+        for name, m in (("model", model), ("twin", twin)):
+            expected = type(m.head).forward(m.head, features)  # the eager head of that model
+            for got, ref in zip(outputs[name][0] + outputs[name][1], expected[0] + expected[1]):
+                torch.testing.assert_close(got, ref)
+    assert not torch.allclose(outputs["twin"][0][0], outputs["model"][0][0])

@@ -2,7 +2,6 @@
 Reliability of checkpoints (issue 8, items 3-5): atomic saves, no checkpoint of diverged
 weights, and loading that does not execute code from the file.
 """
-import hashlib
 import os
 import pickle
 
@@ -11,11 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from focal_det.engine.safe_checkpoint import (
-    SafeDetectionCheckpointer,
-    UnsafeCheckpointError,
-    download_verified,
-)
+from focal_det.checkpoint.safe_checkpointer import SafeDetectionCheckpointer, UnsafeCheckpointError
 
 
 def _model():
@@ -123,20 +118,6 @@ def test_pkl_with_code_is_refused_and_plain_pkl_loads(tmp_path):
     np.testing.assert_array_equal(out["model"]["conv1_w"], blobs["conv1_w"])
 
 
-def test_download_verified(tmp_path):
-    src = tmp_path / "weights.bin"
-    src.write_bytes(b"weights" * 100)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    dst = tmp_path / "cache" / "weights.bin"
-    assert download_verified(src.as_uri(), str(dst), digest) == str(dst)
-    assert dst.read_bytes() == src.read_bytes()
-
-    dst2 = tmp_path / "cache" / "other.bin"
-    with pytest.raises(ValueError, match="expected 0{64}"):
-        download_verified(src.as_uri(), str(dst2), "0" * 64)
-    assert _files(tmp_path / "cache") == ["weights.bin"]
-
-
 # ---- issue 15 ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_checkpoints_honour_the_umask_like_open(tmp_path, umask):
@@ -174,7 +155,7 @@ def _not_checkpoints(tmp_path):
 
 
 def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
-    from focal_det.engine.safe_checkpoint import CheckpointFormatError
+    from focal_det.checkpoint.safe_checkpointer import CheckpointFormatError
 
     for name in _not_checkpoints(tmp_path):
         path = str(tmp_path / name)
@@ -242,7 +223,7 @@ def test_weights_problem_names_missing_head_and_backbone_tensors():
     from fvcore.common.checkpoint import _IncompatibleKeys as Inc
     from synthetic_detection import tiny_cfg
 
-    from focal_det.engine.safe_checkpoint import weights_problem
+    from focal_det.checkpoint import weights_problem
 
     model = build_model(tiny_cfg())
     keys = list(model.state_dict())

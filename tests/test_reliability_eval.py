@@ -151,6 +151,7 @@ def _gloo_worker(tmp):
     torch.save({"res": dict(res), "n": len(mine)}, os.path.join(tmp, f"rank{comm.get_rank()}.pth"))
 
 
+@pytest.mark.slow
 def test_streaming_gathers_across_two_gloo_processes(tmp_path, monkeypatch):
     import socket
 
@@ -228,8 +229,8 @@ def _eval_args(tmp_path, weights, *extra):
 def test_eval_only_with_weights_of_another_model_fails(tmp_path):
     import synthetic_detection
 
+    from focal_det.checkpoint import MissingWeightsError
     from focal_det.engine import main as engine_main
-    from focal_det.engine.trainer import MissingWeightsError
 
     synthetic_detection.register("reliability_eval_synth", str(tmp_path / "data"), num_images=2)
     faster = tmp_path / "faster_rcnn.pth"

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from repo_scripts import REPO  # noqa: I001  (tests/ helper)
 
 _PROBE = """
@@ -18,7 +19,7 @@ import json, os, sys
 import focal_det
 from focal_det import model_zoo
 from focal_det.config_check import merge_config_file
-from focal_det.demo_job import DEFAULT_CONFIG
+from focal_det.demo.job import DEFAULT_CONFIG
 from detectron2.config import get_cfg
 cfg = get_cfg(); focal_det.add_focal_config(cfg); merge_config_file(cfg, DEFAULT_CONFIG)
 print(json.dumps({
@@ -41,6 +42,7 @@ def _repo_configs():
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_wheel_install_ships_the_configs(tmp_path):
     src = tmp_path / "src"  # pip builds in the source folder: build from a copy, not the repo
     src.mkdir()

@@ -173,6 +173,16 @@ def test_loss_cdf_on_a_tiny_random_model_matches_the_models_own_loss(tmp_path):
     assert 0 < tot["negative_share"] < 1
 
 
+def test_loss_cdf_refuses_a_softmax_loss_model_with_the_fix(tmp_path):
+    synthetic_detection.register("tools_cdf_softmax", str(tmp_path / "imgs"), num_images=1)
+    argv = ["--config-file", QUICK, "--dataset", "tools_cdf_softmax", "--output-dir",
+            str(tmp_path / "cdf"), "MODEL.RETINANET.NUM_CLASSES", "3",
+            "MODEL.FOCAL.LOSS.NAME", "SoftmaxFocalLoss"]  # fmt: skip
+    with pytest.raises(SystemExit, match="SoftmaxFocalLoss.*use a model trained with a sigmoid"):
+        lcdf.main(argv)  # was: a shape error deep in the loss (K + 1 logits read as K)
+    assert not (tmp_path / "cdf").exists()
+
+
 def test_loss_cdf_rejects_unknown_dataset(tmp_path):
     with pytest.raises(SystemExit, match="not registered"):
         lcdf.main(["--config-file", QUICK, "--weights", "", "--dataset", "no_such_dataset_xyz",

@@ -121,6 +121,7 @@ def test_demo_scale_1e_maps_scale_and_skips_depth_101(capsys):
     assert sizes == [107, 133, 160, 187, 213]
 
 
+@pytest.mark.slow
 def test_run_table_runs_resumes_and_records_failures(tmp_path, capsys):
     fake = tmp_path / "fake_train_net.py"
     fake.write_text(f"LOG = {LOG!r}\n" + FAKE_TRAIN_NET)

@@ -143,6 +143,7 @@ def _dist_worker(tmp):
     )
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_gloo(tmp_path, monkeypatch):
     tmp = str(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

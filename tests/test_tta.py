@@ -18,8 +18,8 @@ from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from detectron2.structures import Boxes, Instances
 from repo_scripts import QUICK, load_script  # noqa: I001  (tests/ helper)
 
-from focal_det.demo_job import resize_for_test
 from focal_det.engine import main as engine_main
+from focal_det.export import resize_for_test
 from focal_det.modeling import FocalRetinaNetWithTTA
 from focal_det.modeling.test_time_augmentation import merge_detections
 

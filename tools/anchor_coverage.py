@@ -57,6 +57,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+# The focal_det of this checkout (an editable install may point at another one).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 logger = logging.getLogger("anchor_coverage")
 
 # sqrt(area) bucket edges in resized pixels (see the module docstring).

@@ -3,14 +3,14 @@
 How the demo's geometry and recipe were chosen, as runs anyone can repeat: each probe is the demo
 config (configs/demo/retinanet_mobilenet_v2_trees.yaml) with some of its levers undone or
 changed, trained on ``deepforest_trees_trainsub`` and evaluated on ``deepforest_trees_holdout``
-(a band of the training crop, see focal_det/data/deepforest.py). The val split is never used
+(a band of the training crop, see focal_det/demo/deepforest.py). The val split is never used
 here: it is measured once, by ``make demo``, with the config this table chose.
 
     python tools/demo_selection.py                      # run what is missing, write the table
     python tools/demo_selection.py --jobs 2 --threads 1 # two probes at a time, 1 thread each
     python tools/demo_selection.py --collect-only --markdown docs/figures/demo_selection.md
 
-Each probe runs ``python -m focal_det.demo_job`` into ``<output-root>/<probe>/``; a probe with a
+Each probe runs ``python -m focal_det.demo`` into ``<output-root>/<probe>/``; a probe with a
 ``demo_results.json`` is finished and not rerun (resumable). Each run records the code it
 trained with (``code_id``, as tools/run_table.py).
 """
@@ -79,7 +79,7 @@ def run_probe(name, root, threads, python=sys.executable):
         return "finished"
     out.mkdir(parents=True, exist_ok=True)
     (out / "code.json").write_text(json.dumps(code_version(), indent=1))
-    cmd = [python, "-m", "focal_det.demo_job", "--config-file", str(DEMO_CONFIG),
+    cmd = [python, "-m", "focal_det.demo", "--config-file", str(DEMO_CONFIG),
            "--output-dir", str(out), "--num-vis", "4", *probe_opts(name)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(out / "stdout.log", "w") as log:

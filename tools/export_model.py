@@ -14,7 +14,7 @@ What the exported graph takes and returns:
   input   image (3, H, W) float32, channels in the config's INPUT.FORMAT, pixel values 0-255,
           any H and W, ALREADY RESIZED as the config's test resize would
           (ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST), e.g.
-          focal_det.demo_job.resize_for_test). No batch dimension.
+          focal_det.export.resize_for_test). No batch dimension.
   output  boxes (R, 4) float32 XYXY in that input's pixels (clipped to it), scores (R,) float32
           (descending), classes (R,) int64; R <= TEST.DETECTIONS_PER_IMAGE. Scale the boxes by
           original / resized size to get the original image's pixels (demo.py does).
@@ -34,11 +34,17 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-import focal_det  # noqa: F401  (registers FocalRetinaNet, the backbones)
-from focal_det.demo_job import resize_for_test
-from focal_det.engine import Trainer, load_config
-from focal_det.export import EagerRunner, export_retinanet, load_runner
-from focal_det.export.exporters import FORMATS, compare_detections
+# The focal_det of this checkout (an editable install may point at another one).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import focal_det  # noqa: E402,F401  (registers FocalRetinaNet, the backbones)
+from focal_det.engine import Trainer, load_config  # noqa: E402
+from focal_det.export import (  # noqa: E402
+    EagerRunner,
+    export_retinanet,
+    load_runner,
+    resize_for_test,
+)
+from focal_det.export.exporters import FORMATS, compare_detections  # noqa: E402
 
 logger = logging.getLogger("focal_det.export")
 

@@ -36,6 +36,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+# The focal_det of this checkout (an editable install may point at another one).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 DEFAULT_GAMMAS = (0.0, 0.5, 1.0, 2.0)
 logger = logging.getLogger("loss_cdf")
 
@@ -109,6 +112,20 @@ def per_anchor_losses(
     return torch.stack(cols, dim=1)
 
 
+def _sigmoid_logits_problem(model):
+    """Why ``model``'s logits are not Figure 4's (K sigmoid logits per anchor), or None."""
+    if getattr(model, "sigmoid_class_scores", lambda: True)():
+        return None
+    loss = type(getattr(model, "cls_loss", None)).__name__
+    return (
+        f"{type(model).__name__} was built with the classification loss {loss}, whose class "
+        "scores are not the sigmoid of K logits per anchor (SoftmaxFocalLoss: a softmax over "
+        "K + 1). loss_cdf re-scores each anchor's K sigmoid logits with FL (the paper's "
+        "Figure 4): use a model trained with a sigmoid loss (MODEL.FOCAL.LOSS.NAME FocalLoss, "
+        "FocalLossStar, BalancedCE or OHEM)."
+    )
+
+
 @torch.no_grad()
 def collect_anchor_losses(
     model,
@@ -131,6 +148,9 @@ def collect_anchor_losses(
         dict with "positives" (P, G) and "negatives" (Q, G) float32 arrays (reservoir samples),
         "num_positive_seen", "num_negative_seen", "num_ignored_seen", "num_images".
     """
+    problem = _sigmoid_logits_problem(model)
+    if problem:
+        raise ValueError(problem)
     was_training = model.training
     model.eval()
     pos_res = Reservoir(max_positives, len(gammas), seed=seed)
@@ -440,6 +460,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{type(model).__name__} has no label_anchors(): loss_cdf needs a dense detector "
             "such as FocalRetinaNet or detectron2's RetinaNet"
         )
+    if _sigmoid_logits_problem(model):
+        raise SystemExit(_sigmoid_logits_problem(model))
     if cfg.MODEL.WEIGHTS:
         FocalCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # no code run from the file
     else:

@@ -29,6 +29,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+# The focal_det of this checkout (an editable install may point at another one).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 FIG1_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 # Figures 5/6 of the paper: CE, FL (gamma 2), FL* (gamma 2, beta 1), FL* (gamma 4, beta 0).
 FIG5_FL_GAMMAS = (2.0,)

@@ -33,6 +33,9 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+# The focal_det of this checkout (an editable install may point at another one).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 REQUIRED = ("label", "ap", "time_ms")
 
 

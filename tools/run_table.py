@@ -50,6 +50,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+# The focal_det of this checkout (an editable install may point at another one).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = ("1a", "1b", "1c", "1d", "1e", "2", "3")
 METRICS = ("AP", "AP50", "AP75")

@@ -1,8 +1,7 @@
 """
 ``FocalCheckpointer``: the checkpointer of focal_det's Trainer, model zoo and tools.
 
-It is the reliability layer's :class:`SafeDetectionCheckpointer` (atomic saves, no code run
-from files) that also:
+It is :class:`SafeDetectionCheckpointer` (atomic saves, no code run from files) that also:
   * loads the paper's Detectron RetinaNet ``.pkl`` files, renaming their blobs with
     :mod:`focal_det.checkpoint.detectron_names` (detectron2's C2 heuristics do not know the
     RetinaNet head);
@@ -20,8 +19,9 @@ import torch
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import get_cache_dir
 
-from ..engine.safe_checkpoint import SafeDetectionCheckpointer, sha256_of_file
+from ..utils.files import sha256_of_file
 from .detectron_names import detectron_to_focal_names, is_detectron_retinanet
+from .safe_checkpointer import SafeDetectionCheckpointer
 
 __all__ = ["FocalCheckpointer", "WeightsUnavailableError", "expected_cache_path", "KNOWN_SHA256"]
 

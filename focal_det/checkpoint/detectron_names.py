@@ -40,10 +40,9 @@ from typing import Dict
 
 import numpy as np
 
-__all__ = ["detectron_to_focal_names", "focal_to_detectron_names", "is_detectron_retinanet"]
+__all__ = ["detectron_to_focal_names", "is_detectron_retinanet"]
 
 _BRANCH2 = {"a": 1, "b": 2, "c": 3}
-_BRANCH2_INV = {v: k for k, v in _BRANCH2.items()}
 _PARAM = {"w": "weight", "b": "bias", "s": "weight"}
 
 # (Detectron regex, function of the match -> our key). Order does not matter: anchored patterns.
@@ -114,77 +113,3 @@ def detectron_to_focal_names(blobs: Dict[str, np.ndarray], bn_eps: float = 1e-5)
         out.setdefault(prefix + "running_mean", np.zeros(n, dtype=np.float32))
         out.setdefault(prefix + "running_var", np.ones(n, dtype=np.float32) - np.float32(bn_eps))
     return out, sorted(unused)
-
-
-def focal_to_detectron_names(state_dict, bn_eps: float = 1e-5) -> Dict[str, np.ndarray]:
-    """
-    The inverse of :func:`detectron_to_focal_names`: FocalRetinaNet (ResNet-FPN backbone,
-    norm-free head, FrozenBN) state dict -> Detectron blob dict of numpy arrays.
-
-    FrozenBN running statistics are folded into the AffineChannel scale/bias
-    (``s = w / sqrt(var + eps)``, ``b = bias - mean * s``). Buffers without a Detectron
-    counterpart (pixel mean/std, anchors) are skipped.
-    """
-    sd = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-          for k, v in state_dict.items()}  # fmt: skip
-    last_block, levels = {}, set()
-    for k in sd:
-        m = re.match(r"backbone\.bottom_up\.res(\d)\.(\d+)\.", k)
-        if m:
-            last_block[m[1]] = max(last_block.get(m[1], 0), int(m[2]))
-        m = re.match(r"backbone\.fpn_lateral(\d)\.", k)
-        if m:
-            levels.add(int(m[1]))
-    top = max(levels) if levels else None
-
-    blobs = {}
-
-    def norm(prefix, c2_prefix):
-        w, b = sd[prefix + ".weight"], sd[prefix + ".bias"]
-        mean = sd.get(prefix + ".running_mean", np.zeros_like(w))
-        var = sd.get(prefix + ".running_var", np.ones_like(w) - bn_eps)
-        default_var = (np.ones_like(w) - np.float32(bn_eps)).astype(w.dtype)
-        if not mean.any() and np.array_equal(var, default_var):
-            # FrozenBN as loaded from Detectron (mean 0, var 1 - eps): export w, b unchanged so
-            # that a round trip is exact.
-            blobs[c2_prefix + "_s"], blobs[c2_prefix + "_b"] = w, b
-            return
-        scale = w / np.sqrt(var + bn_eps)
-        blobs[c2_prefix + "_s"] = scale.astype(w.dtype)
-        blobs[c2_prefix + "_b"] = (b - mean * scale).astype(w.dtype)
-
-    for k, v in sd.items():
-        p = "w" if k.endswith(".weight") else "b" if k.endswith(".bias") else None
-        m = re.match(r"backbone\.bottom_up\.res(\d)\.(\d+)\.(conv(\d)|shortcut)\.(weight|bias)$", k)
-        if k == "backbone.bottom_up.stem.conv1.weight":
-            blobs["conv1_w"] = v
-        elif k == "backbone.bottom_up.stem.conv1.norm.weight":
-            norm("backbone.bottom_up.stem.conv1.norm", "res_conv1_bn")
-        elif m:
-            branch = "branch1" if m[3] == "shortcut" else "branch2" + _BRANCH2_INV[int(m[4])]
-            name = f"res{m[1]}_{m[2]}_{branch}"
-            if m[5] == "bias":
-                raise ValueError(f"{k}: Detectron ResNet convs have no bias")
-            blobs[name + "_w"] = v
-            norm(k[: -len(".weight")] + ".norm", name + "_bn")
-        elif (m := re.match(r"backbone\.fpn_(lateral|output)(\d)\.(weight|bias)$", k)):
-            lvl = m[2]
-            sum_blob = f"res{lvl}_{last_block[lvl]}_sum"
-            if m[1] == "lateral":
-                suffix = "" if int(lvl) == top else "_lateral"
-                blobs[f"fpn_inner_{sum_blob}{suffix}_{p}"] = v
-            else:
-                blobs[f"fpn_{sum_blob}_{p}"] = v
-        elif (m := re.match(r"backbone\.top_block\.p([67])\.(weight|bias)$", k)):
-            blobs[f"fpn_{m[1]}_{p}"] = v
-        elif (m := re.match(r"head\.(cls|bbox)_subnet\.(\d+)\.(weight|bias)$", k)):
-            idx = int(m[2])
-            if idx % 2 or v.ndim not in (1, 4):
-                raise ValueError(
-                    f"{k}: the Detectron RetinaNet head has (conv, ReLU) pairs without norm "
-                    "layers; this head cannot be exported to Detectron names."
-                )
-            blobs[f"retnet_{m[1]}_conv_n{idx // 2}_fpn3_{p}"] = v
-        elif (m := re.match(r"head\.(cls_score|bbox_pred)\.(weight|bias)$", k)):
-            blobs[f"retnet_{'cls' if m[1] == 'cls_score' else 'bbox'}_pred_fpn3_{p}"] = v
-    return blobs

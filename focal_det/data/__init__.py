@@ -1,15 +1,6 @@
 """
-Datasets of focal_det. Importing this package registers the demo's tree-crown dataset
-(``deepforest_trees_train`` / ``deepforest_trees_val``, built on first use from the ``deepforest``
-wheel on PyPI) in detectron2's DatasetCatalog / MetadataCatalog.
+Data for training on detectron2's registered datasets: the extra augmentations
+(``augment``), a training stream that ``--resume`` continues exactly (``resumable``) and clear
+errors for data that is wrong in the usual ways (``sanitize``). The demo's dataset is in
+``focal_det.demo``.
 """
-
-from .deepforest import (  # noqa: F401
-    DEEPFOREST_SPLITS,
-    build_deepforest_trees,
-    deepforest_trees_root,
-    register_deepforest_trees,
-)
-from .wheels import fetch_pinned_wheel, focal_det_cache_dir  # noqa: F401
-
-register_deepforest_trees()

@@ -1,10 +1,11 @@
 """
 Training-health and resume support for ``Trainer``.
 
-* :func:`explain_non_finite_loss` turns the ``FloatingPointError`` of a non-finite loss (raised
-  by FocalRetinaNet or by detectron2's ``SimpleTrainer``) into a :class:`NonFiniteLossError`
-  that names the iteration, the loss term(s) and the likely fix (the linear scaling rule: the
-  paper's LR 0.01 is for 16 images per batch), and stops the checkpointer from writing anything
+* :func:`explain_non_finite_loss` turns the non-finite loss of a training step (FocalRetinaNet's
+  :class:`~focal_det.modeling.NonFiniteLossError`, or the ``FloatingPointError`` of detectron2's
+  ``SimpleTrainer`` for a model that does not check its own) into a ``NonFiniteLossError`` with
+  the iteration, the loss term(s) and the likely fix (the linear scaling rule: the paper's LR
+  0.01 is for 16 images per batch), and stops the checkpointer from writing anything
   on the way out (``PeriodicCheckpointer.after_train`` would otherwise write ``model_final``
   after a failure at the last iteration), so the last good checkpoint stays the one
   ``--resume`` loads. Its advice is literal: ``--resume`` with the fix added applies the new
@@ -23,16 +24,16 @@ Training-health and resume support for ``Trainer``.
 """
 import contextlib
 import logging
-import re
 
 from detectron2.engine import HookBase
 from detectron2.engine.hooks import EvalHook
 
 from ..config_check import flatten_keys, load_yaml
+from ..data.resumable import ResumableTrainingSampler
+from ..modeling.meta_arch import NonFiniteLossError
 
 __all__ = [
     "EvalAfterSuccessHook",
-    "NonFiniteLossError",
     "ResumableDataHook",
     "ResumeError",
     "RunConfigHook",
@@ -44,10 +45,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN/Inf; the message says where and what to try."""
 
 
 class ResumeError(RuntimeError):
@@ -82,34 +79,27 @@ def linear_scaling_hint(cfg):
     )
 
 
-_NAMED_NON_FINITE = re.compile(r"'?(loss_\w+)'?\s*[:=]\s*(?:tensor\()?(-?nan|-?inf)", re.I)
-
-
-def _non_finite_names(message):
-    names = [m.group(1) for m in _NAMED_NON_FINITE.finditer(message)]
-    if not names:
-        names = sorted(set(re.findall(r"\bloss_\w+", message)))
-    return list(dict.fromkeys(names))
-
-
 @contextlib.contextmanager
 def explain_non_finite_loss(cfg, iteration, checkpointer=None):
     """
-    Wrap one training step. A ``FloatingPointError`` inside becomes a
-    :class:`NonFiniteLossError` with the iteration, the loss name(s) and a hint; ``checkpointer``
-    (a ``SafeDetectionCheckpointer``) is told to write nothing more.
+    Wrap one training step. A ``FloatingPointError`` inside (a non-finite loss) becomes a
+    :class:`NonFiniteLossError` with the iteration, the loss name(s) and the advice;
+    ``checkpointer`` (a ``SafeDetectionCheckpointer``) is told to write nothing more.
     """
     try:
         yield
-    except NonFiniteLossError:
-        raise
     except FloatingPointError as e:
+        if getattr(e, "explained", False):
+            raise
         last = None
         if checkpointer is not None:
             if checkpointer.has_checkpoint():
                 last = checkpointer.get_checkpoint_file()
             checkpointer.refuse_saves(f"training stopped at iteration {iteration}: {e}")
-        names = _non_finite_names(str(e))
+        # FocalRetinaNet's error carries its losses; detectron2's SimpleTrainer's names them in
+        # its text only, shown below as the original error.
+        losses = e.losses if isinstance(e, NonFiniteLossError) else {}
+        names = e.non_finite if isinstance(e, NonFiniteLossError) else []
         which = ", ".join(names) if names else "see the original error below"
         fix = suggested_fix(cfg)
         if last is not None:
@@ -133,14 +123,15 @@ def explain_non_finite_loss(cfg, iteration, checkpointer=None):
             f"Non-finite loss at iteration {iteration} ({which}); training stopped.\n"
             f"  Likely cause: {linear_scaling_hint(cfg)}\n"
             f"{advice}"
-            f"  Original error: {e}"
+            f"  Original error: {e}",
+            losses=losses,
+            iteration=iteration,
+            explained=True,
         ) from e
 
 
 def find_resumable_sampler(data_loader):
     """The ``ResumableTrainingSampler`` behind a loader built by build_resumable_train_loader."""
-    from ..data.resumable import ResumableTrainingSampler
-
     dataset = getattr(data_loader, "dataset", None)
     sampler = getattr(dataset, "sampler", None)
     return sampler if isinstance(sampler, ResumableTrainingSampler) else None

@@ -12,7 +12,7 @@ Everything is detectron2's ``DefaultTrainer`` except:
     training (gloo) could not start;
   * ``setup`` falls back to ``MODEL.DEVICE = "cpu"`` with a warning when CUDA is absent, so the
     paper configs (detectron2's default device is "cuda") can be evaluated or smoke-trained on CPU.
-  * reliability (README "Reliability"): ``setup`` checks every config key/value/combination
+  * reliability (docs/reliability.md): ``setup`` checks every config key/value/combination
     and NUM_CLASSES against the datasets before any work (``focal_det.config_check``);
     checkpoints are written atomically, never with NaN weights, tagged as last only when their
     weights proved healthy, and loaded without running code (``SafeDetectionCheckpointer``); a
@@ -23,10 +23,11 @@ Everything is detectron2's ``DefaultTrainer`` except:
     and resumes its data stream exactly (``focal_det.data.sanitize``,
     ``focal_det.data.resumable``, ``ResumableDataHook``).
 """
+import contextlib
 import logging
 import os
-import weakref
 from collections import OrderedDict
+from unittest import mock
 
 import torch
 from detectron2.config import get_cfg
@@ -35,13 +36,14 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
-from detectron2.engine.train_loop import TrainerBase
+from detectron2.engine import defaults as _d2_defaults
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import FocalCheckpointer, check_eval_weights
 from ..config import add_focal_config
 from ..config_check import (
     check_config,
@@ -58,6 +60,7 @@ from ..data.sanitize import (
     naming_annotation_file,
 )
 from ..evaluation import build_coco_evaluator
+from ..modeling.test_time_augmentation import FocalRetinaNetWithTTA
 from .hooks import (
     EvalAfterSuccessHook,
     ResumableDataHook,
@@ -67,7 +70,6 @@ from .hooks import (
     find_resumable_sampler,
     solver_state,
 )
-from .safe_checkpoint import weights_problem
 
 __all__ = ["Trainer", "load_config", "setup", "main", "create_ddp_model"]
 
@@ -96,33 +98,28 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Same as DefaultTrainer.__init__, but DDP goes through ``build_ddp_model`` (CPU-aware)
-        # instead of detectron2's module-level create_ddp_model, which we cannot override.
-        TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-            setup_logger(name="focal_det")
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+            setup_logger(name="focal_det")  # DefaultTrainer sets up detectron2's logger only
+        with self._own_builders(cfg):
+            super().__init__(cfg)
 
-        # Assume these objects must be constructed in this order (as DefaultTrainer does).
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+    @contextlib.contextmanager
+    def _own_builders(self, cfg):
+        # DefaultTrainer.__init__ calls two module-level functions of detectron2.engine.defaults
+        # that no subclass can override: create_ddp_model (device_ids=[local_rank] even for a
+        # CPU model, which PyTorch refuses) and DetectionCheckpointer. While it runs, they are
+        # this class's build_ddp_model and build_checkpointer, given ``cfg`` (its
+        # auto_scale_workers changes only the batch size, the LR and the schedule).
+        def ddp(model, **kwargs):
+            return self.build_ddp_model(cfg, model)
 
-        model = self.build_ddp_model(cfg, model)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        def checkpointer(model, save_dir, **checkpointables):
+            return self.build_checkpointer(cfg, model, save_dir, **checkpointables)
 
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = self.build_checkpointer(
-            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-
-        self.register_hooks(self.build_hooks())
+        with mock.patch.object(_d2_defaults, "create_ddp_model", ddp), mock.patch.object(
+            _d2_defaults, "DetectionCheckpointer", checkpointer
+        ):
+            yield
 
     def train(self):
         """
@@ -211,8 +208,6 @@ class Trainer(DefaultTrainer):
             FocalCheckpointer: detectron2's checkpointer with atomic saves, safe loading, the
             Detectron RetinaNet ``.pkl`` converter and a clear offline message.
         """
-        from ..checkpoint import FocalCheckpointer  # not at the top: it imports engine
-
         return FocalCheckpointer(
             model, save_dir, max_abs_weight=cfg.SOLVER.CHECKPOINT_MAX_ABS_WEIGHT,
             confirm_with_next_loss=True, **checkpointables,
@@ -237,8 +232,6 @@ class Trainer(DefaultTrainer):
             the results of :meth:`test`, each key suffixed with "_TTA" (e.g. "bbox_TTA");
             detections written to ``OUTPUT_DIR/inference_TTA``.
         """
-        from ..modeling.test_time_augmentation import FocalRetinaNetWithTTA
-
         logger.info("Running inference with test-time augmentation ...")
         model = FocalRetinaNetWithTTA(cfg, model)
         evaluators = [
@@ -299,35 +292,6 @@ def setup(args):
     # would come unformatted.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det")
     return cfg
-
-
-class MissingWeightsError(RuntimeError):
-    """--eval-only on weights that do not hold (most of) the model."""
-
-
-def check_eval_weights(cfg, model, checkpointer, command="--eval-only"):
-    """
-    Raise :class:`MissingWeightsError` when what ``checkpointer`` loaded leaves the head, or
-    most of the model, randomly initialised (``TEST.ALLOW_MISSING_WEIGHTS True``: warn only).
-    ``command`` names what is evaluating, for the message.
-    """
-    inc = getattr(checkpointer, "last_incompatible", None)
-    if inc is None:  # nothing was loaded
-        problem = "MODEL.WEIGHTS is empty, so no weights were loaded"
-    else:
-        problem = weights_problem(model, inc)
-        if problem is None:
-            return
-        problem = f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} does not hold this model: {problem}"
-    message = (
-        f"{command}: {problem}. The AP would be that of randomly initialised layers. Pass the "
-        "checkpoint this config trained (e.g. OUTPUT_DIR/model_final.pth; a checkpoint of "
-        "another architecture, such as Faster R-CNN, or of another number of classes does not "
-        "fit), or set TEST.ALLOW_MISSING_WEIGHTS True to evaluate anyway."
-    )
-    if not cfg.TEST.ALLOW_MISSING_WEIGHTS:
-        raise MissingWeightsError(message)
-    logger.warning(message + " (evaluating anyway: TEST.ALLOW_MISSING_WEIGHTS is True)")
 
 
 def main(args, trainer_cls=Trainer):

@@ -1,4 +1,6 @@
 """COCO evaluation for focal_det (pycocotools, or faster-coco-eval where it matches exactly)."""
-from .coco import FocalCOCOEvaluator, build_coco_evaluator
+from .build import build_coco_evaluator
+from .coco import FocalCOCOEvaluator
+from .streaming import StreamingCOCOEvaluator
 
-__all__ = ["FocalCOCOEvaluator", "build_coco_evaluator"]
+__all__ = ["FocalCOCOEvaluator", "StreamingCOCOEvaluator", "build_coco_evaluator"]

@@ -22,7 +22,7 @@ import os
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["COCO_EVAL_IMPLS", "FocalCOCOEvaluator", "build_coco_evaluator"]
+__all__ = ["COCO_EVAL_IMPLS", "FocalCOCOEvaluator", "check_coco_eval_impl"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,30 @@ def _import_faster_coco_eval():
             "or set TEST.COCO_EVAL_IMPL 'pycocotools'."
         ) from e
     return faster_coco_eval
+
+
+def check_coco_eval_impl(impl, max_dets_per_image=None, tasks=None):
+    """
+    The rules of ``TEST.COCO_EVAL_IMPL``, written once: FocalCOCOEvaluator applies them, and
+    focal_det.config_check before any work (the evaluator is built only after training).
+    Raises ValueError, or ImportError when faster-coco-eval is asked for but not installed.
+    """
+    if impl not in COCO_EVAL_IMPLS:
+        raise ValueError(f"TEST.COCO_EVAL_IMPL={impl!r} must be one of {COCO_EVAL_IMPLS}.")
+    if impl != "faster-coco-eval":
+        return
+    _import_faster_coco_eval()
+    if tasks is not None and set(tasks) != {"bbox"}:
+        raise ValueError(
+            f"TEST.COCO_EVAL_IMPL='faster-coco-eval' is wired for bbox AP only; got "
+            f"tasks={tasks}. Use 'pycocotools'."
+        )
+    if max_dets_per_image not in (None, 100):
+        raise ValueError(
+            f"TEST.COCO_EVAL_IMPL='faster-coco-eval' reports AP at 100 detections per image (its "
+            f"summary is COCO's); got TEST.DETECTIONS_PER_IMAGE={max_dets_per_image}. Use "
+            "'pycocotools' for other limits."
+        )
 
 
 def evaluate_with_faster_coco_eval(gt_json_file, coco_results, iou_type="bbox", img_ids=None,
@@ -73,23 +97,7 @@ class FocalCOCOEvaluator(COCOEvaluator):
 
     def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
                  max_dets_per_image=None, impl="pycocotools", **kwargs):  # fmt: skip
-        if impl not in COCO_EVAL_IMPLS:
-            raise ValueError(
-                f"TEST.COCO_EVAL_IMPL={impl!r} is not one of {COCO_EVAL_IMPLS}."
-            )
-        if impl == "faster-coco-eval":
-            _import_faster_coco_eval()
-            if tasks is not None and set(tasks) != {"bbox"}:
-                raise ValueError(
-                    f"TEST.COCO_EVAL_IMPL='faster-coco-eval' is wired for bbox AP only; got "
-                    f"tasks={tasks}. Use 'pycocotools'."
-                )
-            if max_dets_per_image not in (None, 100):
-                raise ValueError(
-                    f"TEST.COCO_EVAL_IMPL='faster-coco-eval' reports AP at 100 detections per "
-                    f"image (its summary is COCO's); got TEST.DETECTIONS_PER_IMAGE="
-                    f"{max_dets_per_image}. Use 'pycocotools' for other limits."
-                )
+        check_coco_eval_impl(impl, max_dets_per_image, tasks)
         kwargs["use_fast_impl"] = False  # detectron2's needs detectron2._C
         self._dataset_name = dataset_name
         self._impl = impl
@@ -126,18 +134,21 @@ class FocalCOCOEvaluator(COCOEvaluator):
         else:
             self._eval_predictions_faster(predictions, img_ids=img_ids)
         if not self._do_evaluation:
-            path = (
-                os.path.join(self._output_dir, "coco_instances_results.json")
-                if self._output_dir
-                else "(no output folder given: nothing written)"
-            )
-            logger.warning(
-                "%s has no annotations (a test set such as COCO test-dev): no AP computed here. "
-                "The detections in COCO results format are in %s; zip it and submit it to the "
-                "COCO evaluation server.",
-                self._dataset_name,
-                path,
-            )
+            self._say_results_are_for_the_server()
+
+    def _say_results_are_for_the_server(self):
+        path = (
+            os.path.join(self._output_dir, "coco_instances_results.json")
+            if self._output_dir
+            else "(no output folder given: nothing written)"
+        )
+        logger.warning(
+            "%s has no annotations (a test set such as COCO test-dev): no AP computed here. "
+            "The detections in COCO results format are in %s; zip it and submit it to the "
+            "COCO evaluation server.",
+            self._dataset_name,
+            path,
+        )
 
     def _eval_predictions_faster(self, predictions, img_ids=None):
         coco_results = list(itertools.chain(*[x["instances"] for x in predictions]))
@@ -168,29 +179,3 @@ class FocalCOCOEvaluator(COCOEvaluator):
         self._results["bbox"] = self._derive_coco_results(
             coco_eval, "bbox", class_names=self._metadata.get("thing_classes")
         )
-
-
-def build_coco_evaluator(cfg, dataset_name, output_folder=None):
-    """
-    Returns:
-        FocalCOCOEvaluator for the bbox task of ``dataset_name``, gathering the detections of
-        all workers, keeping at most ``TEST.DETECTIONS_PER_IMAGE`` per image, computing AP with
-        ``TEST.COCO_EVAL_IMPL``.
-    """
-    chunk_images = cfg.TEST.get("COCO_EVAL_CHUNK_IMAGES", 0)
-    if chunk_images > 0:  # bounded memory, same numbers (focal_det.evaluation.streaming)
-        from .streaming import StreamingCOCOEvaluator
-
-        return StreamingCOCOEvaluator(
-            dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
-            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-            impl=cfg.TEST.get("COCO_EVAL_IMPL", "pycocotools"), chunk_images=chunk_images,
-        )  # fmt: skip
-    return FocalCOCOEvaluator(
-        dataset_name,
-        tasks=("bbox",),
-        distributed=True,
-        output_dir=output_folder,
-        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        impl=cfg.TEST.get("COCO_EVAL_IMPL", "pycocotools"),
-    )

@@ -1,27 +1,26 @@
 """
-Bounded-memory COCO evaluation for large test sets.
+Bounded-memory COCO evaluation for large test sets (``TEST.COCO_EVAL_CHUNK_IMAGES > 0``).
 
-detectron2's ``COCOEvaluator`` keeps every detection of every image as a Python dict (about half
-a kilobyte each: 100 detections x 5000 images = 500k dicts) for the whole inference loop, pickles
-them all again to gather them on the main process, ``torch.save``-s them to
-``instances_predictions.pth`` and ``json.dumps`` them into one string before COCO evaluation.
+detectron2's ``COCOEvaluator`` keeps every detection of every image as a Python dict for the
+whole inference loop, pickles them all again to gather them on the main process, saves them to
+``instances_predictions.pth`` and ``json.dumps`` them into one string before COCO evaluation;
+pycocotools' ``evaluate`` then keeps its per-(image, category, area) results until
+``accumulate``.
 
 ``StreamingCOCOEvaluator`` computes the same numbers (tests/test_reliability_eval.py) while:
   * keeping each image's detections as one float32 array (N, 6) [x, y, w, h, score, class]
-    (24 bytes per detection) during inference;
-  * gathering those compact arrays from all workers (``comm.gather``), concatenated on the main
-    process in worker order;
+    during inference, and gathering those arrays from all workers (``comm.gather``),
+    concatenated on the main process in worker order;
   * writing ``coco_instances_results.json`` detection by detection (no giant string) and the
-    compact arrays to ``instances_predictions.npz`` instead of a pickle of dicts.
+    compact arrays to ``instances_predictions.npz`` instead of a pickle of dicts;
   * running pycocotools' ``COCOeval.evaluate`` on chunks of ``chunk_images`` images (only that
     chunk's detections become Python dicts, and its IoU matrices are freed with it) and
     keeping, per (category, area range), only what ``COCOeval.accumulate`` reads, merged over
     images into a few arrays (bool matches instead of float64 gt ids, no id lists).
     pycocotools' own ``accumulate``/``summarize`` then run unchanged on those, so the numbers
-    are pycocotools' exactly. Evaluating all images at once instead keeps ~1.7 kB of Python
-    objects per (image, category, area) until the end: the bulk of detectron2's peak memory.
-Enabled in the Trainer by ``TEST.COCO_EVAL_CHUNK_IMAGES > 0``.
-Measured by ``benchmarks/eval_memory.py`` (README "Reliability").
+    are pycocotools' exactly.
+
+Memory of both, measured by ``benchmarks/eval_memory.py``: docs/reliability.md.
 """
 import contextlib
 import copy
@@ -245,7 +244,10 @@ class StreamingCOCOEvaluator(FocalCOCOEvaluator):
             path = os.path.join(self._output_dir, "coco_instances_results.json")
             self._logger.info(f"Saving results to {path}")
             self._write_json(self._coco_results(image_ids, counts, dets), path)
-        if self._impl == "pycocotools" and self._do_evaluation:
+        if not self._do_evaluation:  # a test set without annotations: the JSON is the result
+            self._say_results_are_for_the_server()
+            return copy.deepcopy(self._results)
+        if self._impl == "pycocotools":
             self._eval_chunked(image_ids, counts, dets, img_ids)
             return copy.deepcopy(self._results)
         # COCO's API needs dicts: build them once, in the layout _eval_predictions expects, with

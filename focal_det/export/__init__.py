@@ -10,6 +10,7 @@ from .backends import (  # noqa: F401
     TorchScriptRunner,
     detect,
     load_runner,
+    resize_for_test,
 )
 from .exporters import FORMATS, export_onnx, export_retinanet, export_torchscript  # noqa: F401
 from .graph import ExportableRetinaNet, export_friendly_detections  # noqa: F401

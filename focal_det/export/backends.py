@@ -9,13 +9,15 @@ A *runner* maps one image tensor (3, H, W) float32 (INPUT.FORMAT, 0-255, test-re
 * :class:`EagerRunner`: the PyTorch model itself (``model([{"image": image}])``).
 
 :func:`detect` runs a runner on an RGB image and returns detectron2 ``Instances`` in the
-original image's pixels, as the eager model returns them for ``{"image", "height", "width"}``.
+original image's pixels, as the eager model returns them for ``{"image", "height", "width"}``;
+:func:`resize_for_test` makes a runner's input from an image.
 """
 import warnings
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.data import transforms as T
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
@@ -27,6 +29,7 @@ __all__ = [
     "TorchScriptRunner",
     "detect",
     "load_runner",
+    "resize_for_test",
 ]
 
 BACKENDS = ("pytorch", "torchscript", "onnxruntime")
@@ -101,14 +104,25 @@ def load_runner(backend: str, weights: str, num_threads: Optional[int] = None):
     )
 
 
+def resize_for_test(cfg, image_rgb: np.ndarray) -> Tensor:
+    """
+    The model input for one (H, W, 3) uint8 RGB image: (3, H', W') uint8 in ``INPUT.FORMAT``,
+    resized as detectron2's test loader does (``ResizeShortestEdge(MIN_SIZE_TEST,
+    MAX_SIZE_TEST)``; MIN_SIZE_TEST 0 = no resize).
+    """
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    img = image_rgb if cfg.INPUT.FORMAT == "RGB" else image_rgb[:, :, ::-1]
+    if cfg.INPUT.MIN_SIZE_TEST > 0:
+        img = aug.get_transform(img).apply_image(img)
+    return torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
 def detect(runner, cfg, image_rgb: np.ndarray) -> Instances:
     """
     Detect on one (H, W, 3) uint8 RGB image with ``runner``: the input is resized as the
     config's test loader does, and the detections are mapped back to the image's pixels with
     detectron2's ``detector_postprocess`` (scaled, clipped, empty boxes dropped).
     """
-    from ..demo_job import resize_for_test
-
     h, w = image_rgb.shape[:2]
     image = resize_for_test(cfg, image_rgb).to(torch.float32)
     boxes, scores, classes = runner(image)

@@ -8,8 +8,8 @@ onnxruntime 1.31.1), tested on ``ExportableRetinaNet`` at image sizes other than
   still working). Sizes under tracing are 0-dim tensors, so the padding, the anchors
   (detectron2's generator), k and the clipping bounds stay functions of the input; so no
   ``torch.jit.script`` (which would need every module of every backbone to be scriptable) is
-  needed. Not used: ``torch.jit.freeze`` (Conv+BN folding, ~4% faster on the demo model, but
-  scores moved by 1.1e-5 there, more than the unfrozen trace's 6e-6) and
+  needed. Not used: ``torch.jit.freeze`` (Conv+BN folding: a little faster, but it moves the
+  scores more than the unfrozen trace does) and
   ``torch.jit.optimize_for_inference`` (its module cannot be loaded back: ``required keyword
   attribute 'value' is undefined``).
 * ONNX: ``torch.onnx.export(dynamo=True)`` (``torch.export`` with dynamic height and width, then

@@ -4,7 +4,7 @@ exported to ONNX by ``focal_det.export.exporters``.
 
 Why not trace the model itself: the per-level candidate selection of detectron2's RetinaNet
 (boolean indexing of the scores > 0.05, then ``topk(min(#passing, 1000))``) and of FocalRetinaNet
-(``fast_ops.decode_top_candidates``: a ``.item()`` bound, then the same top-k) has sizes that
+(``inference.decode_top_candidates``: a ``.item()`` bound, then the same top-k) has sizes that
 depend on the scores. A trace (detectron2's ``TracingAdapter``, ``torch.onnx.export``) records
 them as constants, so the graph fails at another image size, and in ONNX even at the traced one
 (detectron2 issue 5431; ``TopK ... k argument [1001] should not be greater than specified axis

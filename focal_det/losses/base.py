@@ -33,7 +33,7 @@ the head and inference follow the loss without the meta-architecture knowing whi
   at inference (default: the sigmoid of each logit);
 * ``sigmoid_scores``: True when ``class_scores`` is that elementwise sigmoid of K logits; then
   inference ranks the logits and applies the sigmoid to the top candidates only
-  (``fast_ops.decode_top_candidates``, detectron2's detections). A loss whose scores are
+  (``inference.decode_top_candidates``, detectron2's detections). A loss whose scores are
   anything else sets it False, and inference ranks ``class_scores(logits)``.
 """
 import math

@@ -1,5 +1,7 @@
 from detectron2.utils.registry import Registry
 
+from ..utils.registry import get_registered
+
 FOCAL_LOSS_REGISTRY = Registry("FOCAL_LOSS")
 FOCAL_LOSS_REGISTRY.__doc__ = """
 Registry for dense classification losses (FL, FL*, alpha-balanced CE, OHEM, softmax FL).
@@ -8,10 +10,6 @@ A registered class is called with ``cfg`` and returns an ``nn.Module``.
 
 
 def build_classification_loss(cfg):
-    name = cfg.MODEL.FOCAL.LOSS.NAME
-    if name not in FOCAL_LOSS_REGISTRY:
-        raise KeyError(
-            f"MODEL.FOCAL.LOSS.NAME={name!r} is not a registered loss. "
-            f"Registered: {sorted(k for k, _ in FOCAL_LOSS_REGISTRY)}"
-        )
-    return FOCAL_LOSS_REGISTRY.get(name)(cfg)
+    """The loss named by ``MODEL.FOCAL.LOSS.NAME``, built from ``cfg``."""
+    loss = get_registered(FOCAL_LOSS_REGISTRY, "MODEL.FOCAL.LOSS.NAME", cfg.MODEL.FOCAL.LOSS.NAME)
+    return loss(cfg)

@@ -2,7 +2,7 @@
 The losses of the paper as pure functions, fused with the sigmoid and with the closed-form
 gradients of Appendix B.
 
-Notation (PAPER.md, "Losses"): per anchor and class, ``x`` is the logit, ``y`` = +1 for the
+Notation (docs/paper.md, "Losses"): per anchor and class, ``x`` is the logit, ``y`` = +1 for the
 positive class and -1 otherwise, ``x_t = y * x``, ``p_t = sigmoid(x_t)``, ``alpha_t`` = alpha for
 positives and 1 - alpha for negatives (1 when alpha < 0, as in fvcore).
 
@@ -85,8 +85,8 @@ def _log1p(e: torch.Tensor) -> torch.Tensor:
     """
     log(1 + e), accurate to a few ulps, from one log: with u = fl(1 + e), log(u) * e / (u - 1)
     cancels the rounding of 1 + e (Goldberg's trick; u == 1 means e is below the ulp of 1, where
-    log1p(e) = e). Written out because the vectorised CPU log1p that torch.compile emits is ~10x
-    slower than log (it dominated the fused loss: 136 ms vs 13 ms for 32M floats here).
+    log1p(e) = e). Written out because the vectorised CPU log1p that torch.compile emits is many
+    times slower than log: it dominated the fused loss.
     """
     u = 1.0 + e
     return torch.where(u == 1.0, e, torch.log(u) * (e / (u - 1.0)))
@@ -182,13 +182,13 @@ def _dense_pos(targets):
 def _label_pos_valid(labels, num_classes: int, device):
     # (M, 1) == (1, K) broadcasts inside the kernel: no (M, K) one-hot in memory when compiled.
     # The comparison is done on float32 (exact for K < 2^24): the compiled CPU loop then compares
-    # one float vector instead of two int64 vectors per 16 logits (~1.4x faster forward).
+    # one float vector instead of two int64 vectors per 16 logits (a faster forward).
     lab = labels.to(torch.float32).unsqueeze(1)
     classes = torch.arange(num_classes, device=device, dtype=torch.float32)
     return lab == classes, lab >= 0
 
 
-def _reduce(loss, reduction, x):
+def _reduce(loss, reduction):
     if reduction == "none":
         return loss
     if reduction == "anchor":  # per-anchor sum over classes (OHEM's ranking score)
@@ -199,7 +199,7 @@ def _reduce(loss, reduction, x):
 def _dense_forward(x, targets, kind, alpha, gamma, beta, reduction, with_grad):
     xc = x.to(_compute_dtype(x))
     pos = _dense_pos(targets)
-    loss = _reduce(_value(kind, xc, pos, alpha, gamma, beta), reduction, x)
+    loss = _reduce(_value(kind, xc, pos, alpha, gamma, beta), reduction)
     if not with_grad:
         return loss, None
     g = _grad(kind, xc, pos, alpha, gamma, beta)
@@ -212,7 +212,7 @@ def _label_forward(x, labels, kind, alpha, gamma, beta, reduction, with_grad):
     xc = x.to(_compute_dtype(x))
     pos, valid = _label_pos_valid(labels, x.shape[1], x.device)
     loss = torch.where(valid, _value(kind, xc, pos, alpha, gamma, beta), 0.0)
-    loss = _reduce(loss, reduction, x)
+    loss = _reduce(loss, reduction)
     if not with_grad:
         return loss, None
     g = torch.where(valid, _grad(kind, xc, pos, alpha, gamma, beta), 0.0)
@@ -240,8 +240,8 @@ _KERNELS = {"dense": _dense_forward, "label": _label_forward}
 #   FL:  l = sigmoid(u)^gamma softplus(u),  dl/du = sigmoid(u)^gamma (gamma sigmoid(-u)
 #        softplus(u) + sigmoid(u))   [Appendix B: 1 - p_t = sigmoid(u), -log p_t = softplus(u)]
 #   FL*: l = softplus(gamma u - beta) / gamma,  dl/du = sigmoid(gamma u - beta)
-# times alpha_t, and d/dx = -y d/du. On CPU the vectorised log1p and exp of PyTorch are ~10x and
-# ~4x slower than log and exp2: log1p(e) is taken from one log (_softplus_into) and, in float32,
+# times alpha_t, and d/dx = -y d/du. On CPU the vectorised log1p and exp of PyTorch are much
+# slower than log and exp2: log1p(e) is taken from one log (_softplus_into) and, in float32,
 # exp(z) as exp2(z log2 e).
 # ---------------------------------------------------------------------------------------------
 # Elements per chunk, by device type. CPU: the chunk's buffers stay in the cache, and each op
@@ -282,7 +282,7 @@ def _softplus_into(v, s):
     e = torch.abs(v, out=s("t0", shape))
     if e.dtype == torch.float64:
         e.neg_().exp_()
-    else:  # 2^(-|v| log2 e): a few ulps for |v| < 10 (30 at 80), and exp2 is ~4x faster on CPU
+    else:  # 2^(-|v| log2 e): a few ulps for |v| < 10 (30 at 80), and exp2 is faster on CPU
         e.mul_(_NEG_LOG2_E).exp2_()
     u = torch.add(e, 1.0, out=s("t1", shape))
     c = torch.sub(u, 1.0, out=s("t2", shape)).sub_(e)  # the rounding error of 1 + e (exact)
@@ -490,11 +490,6 @@ def _get_compiled(mode: str, kind, alpha, gamma, beta, reduction, with_grad):
                 fn = torch.compile(kernel, dynamic=True, fullgraph=True)
                 _compiled_cache[key] = fn
     return fn
-
-
-def compile_available() -> bool:
-    """Whether torch.compile produced a working kernel in this process (False after a failure)."""
-    return _compile_broken is None
 
 
 def _resolve_impl(impl: str, x: torch.Tensor) -> str:

@@ -18,19 +18,48 @@ from .base import ClassificationLossOutput, DenseClassificationLoss
 from .build import FOCAL_LOSS_REGISTRY
 from .functional import IMPLS, per_anchor_ce_from_labels, sigmoid_loss_from_labels
 
-__all__ = ["FocalLoss", "FocalLossStar", "BalancedCE", "OHEM", "select_ohem_anchors"]
+__all__ = [
+    "FocalLoss",
+    "FocalLossStar",
+    "BalancedCE",
+    "OHEM",
+    "select_ohem_anchors",
+    "check_alpha",
+    "check_gamma",
+    "check_impl",
+    "check_ohem_option",
+    "check_star_gamma",
+]
 
 
-def _check_impl(impl):
+# The rules for the losses' config values, written once: the constructors call them, and so does
+# focal_det.config_check before any work (for every loss's keys, whichever loss is selected).
+def check_impl(impl):
     if impl not in IMPLS:
         raise ValueError(f"MODEL.FOCAL.LOSS.IMPL={impl!r} must be one of {IMPLS}.")
 
 
-def _check_alpha(alpha, key="MODEL.RETINANET.FOCAL_LOSS_ALPHA"):
+def check_alpha(alpha):
     if alpha > 1:
         raise ValueError(
-            f"{key}={alpha} must be in [0, 1] (weight of positives; negatives get 1 - alpha), "
-            "or negative for no alpha weighting."
+            f"MODEL.RETINANET.FOCAL_LOSS_ALPHA={alpha} must be in [0, 1] (weight of positives; "
+            "negatives get 1 - alpha), or negative for no alpha weighting."
+        )
+
+
+def check_gamma(gamma):
+    if not gamma >= 0:
+        raise ValueError(
+            f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={gamma} must be >= 0: the focusing parameter "
+            "(0 = cross-entropy; the paper uses 2)."
+        )
+
+
+def check_star_gamma(gamma):
+    if not gamma > 0:
+        raise ValueError(
+            f"MODEL.FOCAL.LOSS.STAR_GAMMA={gamma} must be > 0: FL* divides by it "
+            "(Table 3 uses 2.0 with STAR_BETA=1.0, or 4.0 with STAR_BETA=0.0)."
         )
 
 
@@ -44,13 +73,9 @@ class FocalLoss(DenseClassificationLoss):
     @configurable
     def __init__(self, *, num_classes: int, alpha: float, gamma: float, impl: str = "auto"):
         super().__init__(num_classes)
-        if gamma < 0:
-            raise ValueError(
-                f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={gamma} is negative; the focusing parameter "
-                "must be >= 0 (0 = alpha-balanced CE, the paper uses 2)."
-            )
-        _check_alpha(alpha)
-        _check_impl(impl)
+        check_gamma(gamma)
+        check_alpha(alpha)
+        check_impl(impl)
         self.alpha, self.gamma, self.impl = float(alpha), float(gamma), impl
 
     @classmethod
@@ -86,13 +111,9 @@ class FocalLossStar(DenseClassificationLoss):
         self, *, num_classes: int, alpha: float, gamma: float, beta: float, impl: str = "auto"
     ):
         super().__init__(num_classes)
-        if not gamma > 0:
-            raise ValueError(
-                f"MODEL.FOCAL.LOSS.STAR_GAMMA={gamma} must be > 0: FL* divides by it "
-                "(Table 3 uses 2.0 with STAR_BETA=1.0, or 4.0 with STAR_BETA=0.0)."
-            )
-        _check_alpha(alpha)
-        _check_impl(impl)
+        check_star_gamma(gamma)
+        check_alpha(alpha)
+        check_impl(impl)
         self.alpha, self.gamma, self.beta, self.impl = float(alpha), float(gamma), float(beta), impl
 
     @classmethod
@@ -127,8 +148,8 @@ class BalancedCE(DenseClassificationLoss):
     @configurable
     def __init__(self, *, num_classes: int, alpha: float, impl: str = "auto"):
         super().__init__(num_classes)
-        _check_alpha(alpha)
-        _check_impl(impl)
+        check_alpha(alpha)
+        check_impl(impl)
         self.alpha, self.impl = float(alpha), impl
 
     @classmethod
@@ -153,6 +174,32 @@ class BalancedCE(DenseClassificationLoss):
 OHEM_NMS_GROUPS = ("all", "label")
 OHEM_BOX_LOSS = ("foreground", "selected")
 OHEM_NORMALIZER = ("foreground", "selected")
+
+
+def check_ohem_option(key, value):
+    """The rule of ``MODEL.FOCAL.OHEM.<key>`` (ValueError naming the key otherwise)."""
+    if key == "BATCH_SIZE_PER_IMAGE" and not value > 0:
+        raise ValueError(
+            f"MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE={value} must be > 0: the anchors kept per "
+            "image (the paper uses 128, 256 or 512)."
+        )
+    if key == "POSITIVE_FRACTION" and not (value == -1 or 0 <= value <= 1):
+        raise ValueError(
+            f"MODEL.FOCAL.OHEM.POSITIVE_FRACTION={value} must be in [0, 1] (0.25 = the paper's "
+            "'OHEM 1:3') or -1 for no ratio."
+        )
+    if key == "NMS_THRESH" and not 0 < value <= 1:
+        raise ValueError(
+            f"MODEL.FOCAL.OHEM.NMS_THRESH={value} must be an IoU in (0, 1] (the paper uses 0.5 "
+            "or 0.7; 1.0 disables suppression)."
+        )
+    allowed = {"NMS_GROUPS": OHEM_NMS_GROUPS, "BOX_LOSS": OHEM_BOX_LOSS,
+               "NORMALIZER": OHEM_NORMALIZER}.get(key)  # fmt: skip
+    if allowed is not None and value not in allowed:
+        raise ValueError(
+            f"MODEL.FOCAL.OHEM.{key}={value!r} must be one of {allowed} (the first is the "
+            "paper's reading; see focal_det.losses.OHEM)."
+        )
 
 
 @torch.no_grad()
@@ -409,32 +456,16 @@ class OHEM(DenseClassificationLoss):
         impl: str = "auto",
     ):
         super().__init__(num_classes)
-        if batch_size_per_image <= 0:
-            raise ValueError(
-                f"MODEL.FOCAL.OHEM.BATCH_SIZE_PER_IMAGE={batch_size_per_image} must be a positive "
-                "number of anchors per image (the paper uses 128, 256 or 512)."
-            )
-        if not (positive_fraction == -1 or 0 <= positive_fraction <= 1):
-            raise ValueError(
-                f"MODEL.FOCAL.OHEM.POSITIVE_FRACTION={positive_fraction} must be in [0, 1] "
-                "(0.25 = the paper's 'OHEM 1:3') or -1 for no ratio."
-            )
-        if not 0 < nms_thresh <= 1:
-            raise ValueError(
-                f"MODEL.FOCAL.OHEM.NMS_THRESH={nms_thresh} must be an IoU in (0, 1] "
-                "(the paper uses 0.5 or 0.7; 1.0 disables suppression)."
-            )
-        for key, value, allowed in (
-            ("NMS_GROUPS", nms_groups, OHEM_NMS_GROUPS),
-            ("BOX_LOSS", box_loss, OHEM_BOX_LOSS),
-            ("NORMALIZER", normalizer, OHEM_NORMALIZER),
+        for key, value in (
+            ("BATCH_SIZE_PER_IMAGE", batch_size_per_image),
+            ("POSITIVE_FRACTION", positive_fraction),
+            ("NMS_THRESH", nms_thresh),
+            ("NMS_GROUPS", nms_groups),
+            ("BOX_LOSS", box_loss),
+            ("NORMALIZER", normalizer),
         ):
-            if value not in allowed:
-                raise ValueError(
-                    f"MODEL.FOCAL.OHEM.{key}={value!r} must be one of {allowed} (the first is "
-                    "the paper's reading; see focal_det.losses.OHEM)."
-                )
-        _check_impl(impl)
+            check_ohem_option(key, value)
+        check_impl(impl)
         self.batch_size_per_image = int(batch_size_per_image)
         self.nms_thresh = float(nms_thresh)
         self.positive_fraction = float(positive_fraction)

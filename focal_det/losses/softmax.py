@@ -25,7 +25,7 @@ from detectron2.config import configurable
 
 from .base import ClassificationLossOutput, DenseClassificationLoss
 from .build import FOCAL_LOSS_REGISTRY
-from .modules import _check_alpha
+from .modules import check_alpha, check_gamma
 
 __all__ = ["SoftmaxFocalLoss", "softmax_focal_loss_from_labels"]
 
@@ -133,12 +133,8 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
     @configurable
     def __init__(self, *, num_classes: int, alpha: float, gamma: float):
         super().__init__(num_classes)
-        if gamma < 0:
-            raise ValueError(
-                f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={gamma} is negative; the focusing parameter "
-                "must be >= 0 (0 = softmax cross-entropy)."
-            )
-        _check_alpha(alpha)
+        check_gamma(gamma)
+        check_alpha(alpha)
         self.alpha, self.gamma = float(alpha), float(gamma)
 
     @classmethod

@@ -14,6 +14,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+from ..checkpoint import FocalCheckpointer
 from ..config import add_focal_config
 from ..config_check import merge_config_file
 
@@ -124,8 +125,6 @@ def get(config_path: str, trained: bool = False, device: Optional[str] = None):
     Returns:
         the model (``nn.Module``) in eval mode, on ``device`` (default: CUDA if available).
     """
-    from ..checkpoint import FocalCheckpointer
-
     cfg = get_config(config_path, trained)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

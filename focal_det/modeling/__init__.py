@@ -1,5 +1,9 @@
+"""
+The paper's detector: ``FocalRetinaNet`` (registered in detectron2's ``META_ARCH_REGISTRY``), its
+heads (``FOCAL_HEAD_REGISTRY``), matcher, Detectron's anchors, inference, test-time augmentation
+and the numerically neutral speed switches.
+"""
 from .anchor_generator import DetectronAnchorGenerator, detectron_cell_anchors  # noqa: F401
-from .backbone import MobileNetV2, build_mobilenet_v2_fpn_backbone  # noqa: F401
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head  # noqa: F401
-from .meta_arch import FocalRetinaNet  # noqa: F401
+from .meta_arch import FocalRetinaNet, NonFiniteLossError  # noqa: F401
 from .test_time_augmentation import FocalRetinaNetWithTTA  # noqa: F401

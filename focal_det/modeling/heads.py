@@ -2,7 +2,7 @@
 Dense heads of FocalRetinaNet, chosen by name (``MODEL.FOCAL.HEAD_NAME``) from
 ``FOCAL_HEAD_REGISTRY``.
 """
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
@@ -11,7 +11,9 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead as _D2RetinaNetHead
 from detectron2.utils.registry import Registry
 
-__all__ = ["FOCAL_HEAD_REGISTRY", "RetinaNetHead", "build_focal_head"]
+from ..utils.registry import get_registered
+
+__all__ = ["FOCAL_HEAD_REGISTRY", "RetinaNetHead", "build_focal_head", "check_anchors_per_level"]
 
 FOCAL_HEAD_REGISTRY = Registry("FOCAL_HEAD")
 FOCAL_HEAD_REGISTRY.__doc__ = """
@@ -21,6 +23,20 @@ list of per-level features to ``(logits, box_deltas)``: lists of (N, A*L, Hi, Wi
 (N, A*4, Hi, Wi). ``overrides`` are what the classification loss decides (see
 ``build_focal_head``): ``num_classes`` = L logits per anchor and ``cls_prior_bias``.
 """
+
+
+def check_anchors_per_level(counts: Dict[str, int]):
+    """
+    ``counts``: cell anchors per location of each feature level. RetinaNetHead's output convs
+    serve every level, so the counts must be equal (ValueError naming them otherwise).
+    """
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"The anchor config gives {counts} cell anchors per level (sizes x aspect ratios), "
+            "but RetinaNetHead shares its output convs across levels, so every level needs the "
+            "same number of anchors per location: give every level the same number of "
+            "MODEL.ANCHOR_GENERATOR.SIZES and ASPECT_RATIOS (the paper: 3 scales x 3 ratios)."
+        )
 
 
 @FOCAL_HEAD_REGISTRY.register()
@@ -67,15 +83,10 @@ class RetinaNetHead(_D2RetinaNetHead):
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
         num_anchors = build_anchor_generator(cfg, input_shape).num_cell_anchors
-        if len(set(num_anchors)) != 1:
-            raise ValueError(
-                f"RetinaNetHead shares its output convs across levels, so every level needs the "
-                f"same number of anchors per location; MODEL.ANCHOR_GENERATOR gives "
-                f"{list(num_anchors)} for the {len(num_anchors)} levels "
-                f"(SIZES={cfg.MODEL.ANCHOR_GENERATOR.SIZES}, "
-                f"ASPECT_RATIOS={cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS}). Give every level "
-                "the same number of sizes and of aspect ratios (the paper: 3 scales x 3 ratios)."
-            )
+        names = list(cfg.MODEL.RETINANET.IN_FEATURES)
+        if len(names) != len(num_anchors):
+            names = [f"level {i}" for i in range(len(num_anchors))]
+        check_anchors_per_level(dict(zip(names, num_anchors)))
         return super().from_config(cfg, input_shape)
 
 
@@ -89,10 +100,5 @@ def build_focal_head(cfg, input_shape: List[ShapeSpec], **overrides):
             ``num_classes`` = the loss's ``num_logits`` and ``cls_prior_bias`` = its
             ``prior_bias(MODEL.RETINANET.PRIOR_PROB)`` (``focal_det/losses/base.py``).
     """
-    name = cfg.MODEL.FOCAL.HEAD_NAME
-    if name not in FOCAL_HEAD_REGISTRY:
-        raise KeyError(
-            f"MODEL.FOCAL.HEAD_NAME={name!r} is not a registered head. "
-            f"Registered: {sorted(k for k, _ in FOCAL_HEAD_REGISTRY)}"
-        )
-    return FOCAL_HEAD_REGISTRY.get(name)(cfg, input_shape, **overrides)
+    head = get_registered(FOCAL_HEAD_REGISTRY, "MODEL.FOCAL.HEAD_NAME", cfg.MODEL.FOCAL.HEAD_NAME)
+    return head(cfg, input_shape, **overrides)

@@ -26,9 +26,40 @@ from typing import List
 from detectron2.layers import nonzero_tuple
 from detectron2.modeling.matcher import Matcher
 
-__all__ = ["LOW_QUALITY_MATCH_MODES", "RetinaNetMatcher"]
+__all__ = [
+    "LOW_QUALITY_MATCH_MODES",
+    "RetinaNetMatcher",
+    "check_iou_thresholds",
+    "check_low_quality_matches",
+]
 
 LOW_QUALITY_MATCH_MODES = ("detectron2", "detectron", "none")
+
+
+# The matcher's config rules, written once: RetinaNetMatcher and focal_det.config_check call them.
+def check_low_quality_matches(mode):
+    if mode not in LOW_QUALITY_MATCH_MODES:
+        raise ValueError(
+            f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={mode!r} is not one of "
+            f"{list(LOW_QUALITY_MATCH_MODES)} (\"detectron2\": detectron2's "
+            "allow_low_quality_matches; \"detectron\": the paper's Detectron rule; "
+            "\"none\": thresholds only)."
+        )
+
+
+def check_iou_thresholds(thresholds, labels):
+    """MODEL.RETINANET.IOU_THRESHOLDS / IOU_LABELS (detectron2's Matcher only asserts)."""
+    thr, labels = list(thresholds), list(labels)
+    if not thr or not all(0 < t <= 1 for t in thr) or thr != sorted(thr):
+        raise ValueError(
+            f"MODEL.RETINANET.IOU_THRESHOLDS={thr} must be increasing IoUs in (0, 1], "
+            "background threshold first (the paper: [0.4, 0.5])."
+        )
+    if len(labels) != len(thr) + 1 or not all(lb in (-1, 0, 1) for lb in labels):
+        raise ValueError(
+            f"MODEL.RETINANET.IOU_LABELS={labels} must hold len(IOU_THRESHOLDS) + 1 = "
+            f"{len(thr) + 1} labels from (-1, 0, 1) (the paper: [0, -1, 1])."
+        )
 
 
 class RetinaNetMatcher(Matcher):
@@ -49,13 +80,8 @@ class RetinaNetMatcher(Matcher):
                 For ``"detectron"`` a best anchor is added only if its IoU is at least
                 ``thresholds[0]`` (the background threshold, 0.4 in the paper).
         """
-        if low_quality_matches not in LOW_QUALITY_MATCH_MODES:
-            raise ValueError(
-                f"MODEL.FOCAL.MATCHER.LOW_QUALITY_MATCHES={low_quality_matches!r} is not one of "
-                f"{list(LOW_QUALITY_MATCH_MODES)} (\"detectron2\": detectron2's "
-                "allow_low_quality_matches; \"detectron\": the paper's Detectron rule; "
-                "\"none\": thresholds only)."
-            )
+        check_low_quality_matches(low_quality_matches)
+        check_iou_thresholds(thresholds, labels)
         super().__init__(
             thresholds, labels, allow_low_quality_matches=low_quality_matches != "none"
         )

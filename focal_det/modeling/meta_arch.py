@@ -23,6 +23,7 @@ YAML, ``add_focal_config`` gives NORMALIZER_MOMENTUM 0.0 (paper), LOW_QUALITY_MA
 "detectron2" and detectron2's default beta 0.1. Everything else (anchors, head, box coding,
 inference) is the paper's and detectron2's alike.
 """
+import math
 from typing import Dict
 
 import torch
@@ -39,15 +40,44 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..losses import build_classification_loss
-from .fast_ops import TopCandidatesInference, apply_speed_options
 from .heads import build_focal_head
+from .inference import TopCandidatesInference
 from .matcher import RetinaNetMatcher
+from .speed_switches import apply_speed_options
 
-__all__ = ["FocalRetinaNet"]
+__all__ = ["FocalRetinaNet", "NonFiniteLossError", "check_normalizer_momentum"]
 
 
 # Initial value of detectron2's EMA normaliser (RetinaNet.losses: _ema_update(..., 100)).
 _EMA_NORMALIZER_INIT = 100.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """
+    A training loss became NaN or infinite. The facts: ``losses`` ({name: value} of the step;
+    empty when the raiser did not know them) and ``iteration`` (None when unknown); the message
+    says what to try. ``explained``: the Trainer's advice (checkpoint, commands) is in it.
+    """
+
+    def __init__(self, message, *, losses, iteration, explained=False):
+        super().__init__(message)
+        self.losses = dict(losses)
+        self.iteration = iteration
+        self.explained = explained
+
+    @property
+    def non_finite(self):
+        """Names of the losses that are NaN or infinite."""
+        return [k for k, v in self.losses.items() if not math.isfinite(v)]
+
+
+def check_normalizer_momentum(momentum: float):
+    """``MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM`` must be in [0, 1) (ValueError otherwise)."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM={momentum} must be in [0, 1): 0.0 = this "
+            "batch's foreground count (paper), 0.9 = detectron2's EMA."
+        )
 
 
 @META_ARCH_REGISTRY.register()
@@ -63,7 +93,7 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
        plus smooth-L1 (or GIoU, ...) box regression over the foreground anchors, or over the
        subset the loss module selects (``box_mask``, e.g. OHEM's). Both are divided by the
        foreground-anchor normaliser, unless the loss module returns its own.
-    3. A non-finite loss raises ``FloatingPointError`` naming the iteration and the losses.
+    3. A non-finite loss raises :class:`NonFiniteLossError` with the iteration and the losses.
 
     The loss also decides the head's logits per anchor (K sigmoid logits; K + 1 for the softmax
     loss), their initial bias and how they turn into class scores (``losses/base.py``).
@@ -71,10 +101,10 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
     Inference is detectron2's, which is the paper's: per level, keep scores > 0.05, then the
     top 1000; decode those boxes only; merge levels; per-class NMS at 0.5; keep
     ``TEST.DETECTIONS_PER_IMAGE``. For sigmoid scores it runs on the logits
-    (``fast_ops.TopCandidatesInference``): the sigmoid is applied to the top candidates only,
+    (``inference.TopCandidatesInference``): the sigmoid is applied to the top candidates only,
     with detectron2's detections; other scores (softmax) go through detectron2's own decoding.
 
-    Speed switches (``fast_ops.apply_speed_options``), numerically neutral: MODEL.FOCAL.
+    Speed switches (``speed_switches.apply_speed_options``), numerically neutral: MODEL.FOCAL.
     CHANNELS_LAST, FOLD_FROZEN_BN and COMPILE_HEAD (falls back to eager with a warning).
     """
 
@@ -101,15 +131,13 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
                 instead of this worker's, so that with DDP's gradient averaging the loss is
                 normalised by the global count. Off in the paper (each GPU used its own).
             channels_last, fold_frozen_bn, compile_head (bool): the speed switches of
-                :func:`focal_det.modeling.fast_ops.apply_speed_options` (same numbers).
+                :func:`focal_det.modeling.speed_switches.apply_speed_options` (same numbers).
             kwargs: the arguments of detectron2's :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
-        if not 0.0 <= normalizer_momentum < 1.0:
-            raise ValueError(
-                f"MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM={normalizer_momentum} must be in [0, 1): "
-                "0.0 = this batch's foreground count (paper), 0.9 = detectron2's EMA."
-            )
+        # detectron2's loss parameters (its defaults here): the loss module holds the real ones.
+        del self.focal_loss_alpha, self.focal_loss_gamma
+        check_normalizer_momentum(normalizer_momentum)
         self.cls_loss = cls_loss
         # What the head's logits are is the loss's (focal_det/losses/base.py); fixed with the
         # head, which was built for it.
@@ -151,15 +179,13 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
             "head_in_features": cfg.MODEL.RETINANET.IN_FEATURES,
-            # Loss parameters (alpha / gamma are read by the loss module itself).
+            # Loss parameters (alpha / gamma are the loss module's, from its own from_config).
             "cls_loss": cls_loss,
             "normalizer_momentum": cfg.MODEL.FOCAL.LOSS.NORMALIZER_MOMENTUM,
             "normalizer_all_reduce": cfg.MODEL.FOCAL.LOSS.NORMALIZER_ALL_REDUCE,
             "channels_last": cfg.MODEL.FOCAL.CHANNELS_LAST,
             "fold_frozen_bn": cfg.MODEL.FOCAL.FOLD_FROZEN_BN,
             "compile_head": cfg.MODEL.FOCAL.COMPILE_HEAD,
-            "focal_loss_alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
             "smooth_l1_beta": cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA,
             "box_reg_loss_type": cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE,
             # Inference parameters:
@@ -297,23 +323,27 @@ class FocalRetinaNet(TopCandidatesInference, RetinaNet):
 
     def _check_losses_finite(self, losses: Dict[str, Tensor]):
         """
-        Raise FloatingPointError if a loss is NaN or inf, naming the iteration and each loss.
-        detectron2's trainer raises too, but only every ``gather_metric_period`` iterations and
-        with no hint; failing here stops before the optimizer step writes NaN into the weights.
+        Raise :class:`NonFiniteLossError` if a loss is NaN or inf. detectron2's trainer checks
+        too, but only every ``gather_metric_period`` iterations, on the main process, and with no
+        hint; failing here stops before the optimizer step writes NaN into the weights.
         """
         values = torch.stack([v.detach().float() for v in losses.values()])
         if bool(torch.isfinite(values).all()):
             return
         try:
-            where = f"at iteration {get_event_storage().iter}"
+            iteration = get_event_storage().iter
+            where = f"at iteration {iteration}"
         except AssertionError:  # no EventStorage: called outside a trainer
-            where = "(no EventStorage, iteration unknown)"
-        described = ", ".join(f"{k}={v.item():.6g}" for k, v in zip(losses, values))
-        raise FloatingPointError(
+            iteration, where = None, "(no EventStorage, iteration unknown)"
+        losses = dict(zip(losses, values.tolist()))
+        described = ", ".join(f"{k}={v:.6g}" for k, v in losses.items())
+        raise NonFiniteLossError(
             f"FocalRetinaNet: non-finite loss {where}: {described}. The usual cause is a learning "
             "rate too high for the batch size: the paper's SOLVER.BASE_LR=0.01 is for "
             "SOLVER.IMS_PER_BATCH=16 -- scale it linearly with the batch (linear scaling rule, "
             "e.g. 0.00125 for 2 images) and keep SOLVER.WARMUP_ITERS. Other causes: a "
             "randomly initialised backbone with FrozenBN (use MODEL.RESNETS.NORM='BN' or 'GN'), "
-            "or corrupt annotations (degenerate boxes)."
+            "or corrupt annotations (degenerate boxes).",
+            losses=losses,
+            iteration=iteration,
         )

@@ -34,7 +34,16 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["FocalRetinaNetWithTTA", "merge_detections"]
+__all__ = ["FocalRetinaNetWithTTA", "check_tta_min_sizes", "merge_detections"]
+
+
+def check_tta_min_sizes(min_sizes, min_size_test):
+    """``TEST.AUG.MIN_SIZES``: short sides > 0, at least one (ValueError otherwise)."""
+    if not min_sizes or min(min_sizes) <= 0:
+        raise ValueError(
+            f"TEST.AUG.MIN_SIZES={tuple(min_sizes)} must list short sides > 0 for test-time "
+            f"augmentation, e.g. ({min_size_test},) = the test size."
+        )
 
 
 def merge_detections(instances: List[Instances], image_size, nms_thresh: float, max_dets: int):
@@ -88,9 +97,7 @@ class FocalRetinaNetWithTTA(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, model, tta_mapper=None):
-        if not cfg.TEST.AUG.MIN_SIZES:
-            raise ValueError("TEST.AUG.MIN_SIZES is empty: give at least one short side, e.g. "
-                             f"({cfg.INPUT.MIN_SIZE_TEST},) for the test size.")
+        check_tta_min_sizes(cfg.TEST.AUG.MIN_SIZES, cfg.INPUT.MIN_SIZE_TEST)
         return {
             "model": model,
             "tta_mapper": tta_mapper if tta_mapper is not None else DatasetMapperTTA(cfg),

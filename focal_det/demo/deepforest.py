@@ -16,10 +16,9 @@ names map to "tree" (the class deepforest's own release model predicts).
 Tree crowns are small (8-107 px, median ~40 px) and dense (hundreds per image): exactly the
 foreground-background imbalance the focal loss addresses.
 
-    python -m focal_det.data [--root DIR] [--force]   # build (or reuse); print what was written
+    python -m focal_det.demo --dataset-only   # build (or reuse) it; print what was written
 """
 
-import argparse
 import fcntl
 import io
 import json
@@ -205,8 +204,8 @@ def _build(out_dir, wheel, sources, params):
                 )
                 image_id += 1
                 file_name = f"{stem}_x{x0}_y{y0}.png"
-                # Uncompressed PNG (same pixels): decoding it is ~4x faster, and the demo's
-                # loader decodes 16 tiles per iteration in the training process.
+                # Uncompressed PNG (same pixels): much faster to decode, and the demo's loader
+                # decodes 16 tiles per iteration in the training process.
                 image.crop((x0, y0, x1, y1)).save(img_dir / file_name, compress_level=0)
                 coco[split]["images"].append(
                     {
@@ -332,17 +331,3 @@ def register_deepforest_trees(root=None, sources=None, **params):
             evaluator_type="coco",
             thing_classes=[c["name"] for c in CATEGORIES],
         )
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--root", default=None, help="datasets folder (default $DETECTRON2_DATASETS or ./datasets)"
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = build_deepforest_trees(args.root, force=args.force)
-    print(f"deepforest tree crowns in {out['root']} ({'cached' if out['reused'] else 'built'}):")
-    for split, c in out["counts"].items():
-        print(f"  deepforest_trees_{split:5s}  {c['images']:4d} tiles  {c['boxes']:5d} boxes")

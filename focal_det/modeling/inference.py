@@ -1,180 +1,27 @@
 """
-Speed-ups of FocalRetinaNet that leave its numbers unchanged (to float rounding).
+The paper's inference (Sec 4, "Inference"), as detectron2's RetinaNet does it: per level, the
+scores > 0.05 (``MODEL.RETINANET.SCORE_THRESH_TEST``), of those the top 1000
+(``TOPK_CANDIDATES_TEST``), their boxes decoded; all levels merged, per-class NMS at 0.5,
+``TEST.DETECTIONS_PER_IMAGE`` kept.
 
-Where a RetinaNet R50-FPN training iteration spends its time on CPU (torch.profiler, one
-800x1067 image, 2 threads; ``benchmarks/profile_train.py``, docs/benchmarks.md): 50-75 % in the
-backward pass, almost all of it convolution backward, ~35 % in the backbone and head forward,
-and in detectron2's RetinaNet ~5 % in the loss step (one-hot + fvcore's focal loss), which
-focal_det's fused label-based loss removes. What is left to win is in the convolutions and the
-elementwise passes around them:
-
-* :func:`convert_to_channels_last` (``MODEL.FOCAL.CHANNELS_LAST``): oneDNN's convolutions, forward
-  and above all backward, are faster on NHWC tensors than on NCHW ones on this CPU (measured:
-  ``benchmarks/model_bench.py``, ``ours`` vs ``ours_fast``), since NCHW inputs are reordered to
-  a blocked layout and back at every call. The head's
-  (N, A*K, H, W) outputs then also turn into (N, H*W*A, K) with a free view instead of a copy.
-* :func:`fold_frozen_bn_into_convs` (``MODEL.FOCAL.FOLD_FROZEN_BN``): a FrozenBN after a
-  convolution is an affine map per output channel, so ``bn(conv(x, W, b)) = conv(x, W * s,
-  b * s + t)``. Folding it into the (tiny) weight at each call removes two full passes over the
-  activation in the forward pass and one in the backward pass, for each of the ~50 FrozenBN
-  layers of a ResNet-50. The gradient with respect to W is unchanged (autograd goes through
-  ``W * s``).
-* :func:`compile_forward` (``MODEL.FOCAL.COMPILE_HEAD``): ``torch.compile`` of a module's forward,
-  in place, so that parameter names (and checkpoints) do not change; if the compiler is missing
-  or fails, a warning is printed and the eager forward is used.
-* :func:`decode_top_candidates`: inference that takes the top-k of each level's *logits* before
-  anything else and applies the sigmoid and the score threshold to those k only. detectron2
-  applies the sigmoid to all H*W*A*K logits, compares all of them with the threshold and builds
-  the (#passing, 2) index list of every passing score (millions for a confident model) before
-  its top-k. Same detections: the top-k of the scores above the threshold are the top-k scores
-  that are above the threshold.
+:func:`decode_top_candidates` is one level of it, run on the *logits*: the top-k of each level's
+logits is found first, and the sigmoid and the threshold are applied to those k only, instead of
+detectron2's sigmoid of all H*W*A*K logits, its comparison of all of them with the threshold and
+the index list of every passing score. Same detections (tested against detectron2's): the top-k
+of the scores above the threshold are the top-k scores that are above the threshold.
+:class:`TopCandidatesInference` puts it into a detectron2 ``RetinaNet`` subclass.
 """
-import logging
 import math
-import types
-import warnings
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
-from detectron2.layers import Conv2d, FrozenBatchNorm2d, batched_nms
+from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, ImageList, Instances
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = [
-    "TopCandidatesInference",
-    "apply_speed_options",
-    "compile_forward",
-    "convert_to_channels_last",
-    "decode_top_candidates",
-    "fold_frozen_bn_into_convs",
-    "torch_compile_works",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["TopCandidatesInference", "decode_top_candidates"]
 
 
-# ---------------------------------------------------------------------------------------------
-# channels-last
-# ---------------------------------------------------------------------------------------------
-def convert_to_channels_last(module: nn.Module) -> nn.Module:
-    """
-    Store the 4-D parameters of ``module`` (its convolutions' weights) in channels-last (NHWC)
-    order, in place. Convolutions whose weight is channels-last produce channels-last outputs
-    from any input, so the whole network then runs NHWC without converting the images.
-    Values, names and shapes of the parameters are unchanged; only strides differ.
-    """
-    return module.to(memory_format=torch.channels_last)
-
-
-# ---------------------------------------------------------------------------------------------
-# FrozenBN folding
-# ---------------------------------------------------------------------------------------------
-def _conv_frozen_bn_forward(self: Conv2d, x: Tensor) -> Tensor:
-    """``Conv2d.forward`` with its FrozenBN folded into the weight and bias (see module doc)."""
-    bn = self.norm
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
-    shift = bn.bias - bn.running_mean * scale
-    weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
-    if self.weight.is_contiguous(memory_format=torch.channels_last):
-        weight = weight.contiguous(memory_format=torch.channels_last)
-    bias = shift if self.bias is None else self.bias * scale + shift
-    x = F.conv2d(x, weight, bias.to(weight.dtype), self.stride, self.padding, self.dilation,
-                 self.groups)
-    if self.activation is not None:
-        x = self.activation(x)
-    return x
-
-
-def fold_frozen_bn_into_convs(module: nn.Module) -> int:
-    """
-    In every detectron2 ``Conv2d`` of ``module`` whose ``norm`` is a ``FrozenBatchNorm2d``, fold
-    the norm into the convolution at call time (the modules, their parameters, buffers and
-    state-dict keys stay as they are, so checkpoints load unchanged and the BN statistics can
-    still be changed afterwards). Returns the number of convolutions changed.
-    """
-    n = 0
-    for m in module.modules():
-        if isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d):
-            m.forward = types.MethodType(_conv_frozen_bn_forward, m)
-            n += 1
-    return n
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.compile with a fallback
-# ---------------------------------------------------------------------------------------------
-_COMPILE_PROBE: dict = {}
-
-
-def torch_compile_works(device: str = "cpu") -> Tuple[bool, str]:
-    """
-    Whether ``torch.compile`` can build a forward and a backward kernel on ``device`` here (it
-    needs a C++ compiler on CPU, Triton on GPU). Probed once per device with a tiny function;
-    returns (ok, reason).
-    """
-    if device in _COMPILE_PROBE:
-        return _COMPILE_PROBE[device]
-    if not hasattr(torch, "compile"):
-        result = (False, f"torch {torch.__version__} has no torch.compile")
-    else:
-        try:
-            fn = torch.compile(lambda t: torch.relu(t * 2.0).sum(), fullgraph=True)
-            x = torch.randn(8, device=device, requires_grad=True)
-            fn(x).backward()
-            result = (True, "")
-        except Exception as e:  # any compiler/toolchain failure means "use eager"
-            result = (False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    _COMPILE_PROBE[device] = result
-    return result
-
-
-def compile_forward(module: nn.Module, **compile_kwargs) -> None:
-    """
-    Replace ``module.forward`` by its ``torch.compile``-d version, in place (parameter names
-    and ``state_dict`` keys are unchanged, unlike wrapping the module in ``torch.compile``).
-    At the first call, on the device of the first tensor argument, compilation is probed; if it
-    is unavailable there, or fails on the first call, a warning is given once and the eager
-    forward runs from then on.
-    """
-    eager = module.forward
-    compiled = torch.compile(eager, **compile_kwargs)
-    state = {"use": None}  # None: undecided; then True (compiled) / False (eager)
-    name = type(module).__name__
-
-    def _fallback(why):
-        state["use"] = False
-        warnings.warn(
-            f"torch.compile of {name} is not usable ({why}); running it eagerly.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-    def forward(*args, **kwargs):
-        if state["use"] is None:
-            flat = [a for a in args if isinstance(a, Tensor)] + [
-                t for a in args if isinstance(a, (list, tuple)) for t in a
-                if isinstance(t, Tensor)
-            ]
-            device = flat[0].device.type if flat else "cpu"
-            ok, why = torch_compile_works(device)
-            if ok:
-                state["use"] = True
-            else:
-                _fallback(why)
-        if state["use"]:
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as e:  # compiler failure on these inputs: eager for good
-                _fallback(f"{type(e).__name__}: {e}")
-        return eager(*args, **kwargs)
-
-    module.forward = forward
-
-
-# ---------------------------------------------------------------------------------------------
-# inference
-# ---------------------------------------------------------------------------------------------
 def decode_top_candidates(
     box2box_transform,
     anchors: Boxes,
@@ -352,25 +199,3 @@ class TopCandidatesInference:
             )
             results.append(pred[keep[: self.max_detections_per_image]])
         return results
-
-
-def apply_speed_options(
-    model: nn.Module,
-    *,
-    channels_last: bool = False,
-    fold_frozen_bn: bool = False,
-    compile_head: bool = False,
-) -> nn.Module:
-    """
-    Apply the numerically neutral speed-ups to a RetinaNet-like ``model`` (with ``backbone`` and
-    ``head`` attributes), in place; see the module docstring. Call it after the parameters are
-    on their final device: a later ``.to(device)`` keeps the channels-last strides.
-    """
-    if fold_frozen_bn:
-        fold_frozen_bn_into_convs(model)
-    if channels_last:
-        convert_to_channels_last(model.backbone)
-        convert_to_channels_last(model.head)
-    if compile_head:
-        compile_forward(model.head)
-    return model

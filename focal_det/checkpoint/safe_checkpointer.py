@@ -1,25 +1,23 @@
 """
 Checkpoints that survive a kill and files that stay data.
 
-``SafeDetectionCheckpointer`` is detectron2's :class:`DetectionCheckpointer` with three changes:
+``SafeDetectionCheckpointer`` is detectron2's :class:`DetectionCheckpointer` with these changes:
 
-* **Atomic saves.** ``save`` writes ``<name>.pth`` to a temporary file in the same folder,
-  fsyncs it and ``os.replace``-s it into place; ``last_checkpoint`` is rewritten the same way
-  and only after the checkpoint file is complete. A run killed at any instant (SIGKILL, OOM
-  killer, pre-emption) leaves either the previous checkpoint or the new one as "last", never a
-  truncated file. fvcore's ``Checkpointer.save`` opens the final path for writing directly.
+* **Atomic saves.** Its ``path_manager`` opens every file it writes with
+  :func:`focal_det.utils.files.atomic_open`, so fvcore's own ``save`` and
+  ``tag_last_checkpoint`` write ``<name>.pth`` and ``last_checkpoint`` to a temporary file in the
+  same folder, fsync it and ``os.replace`` it into place (``last_checkpoint`` after the checkpoint
+  is complete). A run killed at any instant (SIGKILL, OOM killer, pre-emption) leaves either the
+  previous checkpoint or the new one as "last", never a truncated file. Temporary files get the
+  permissions of ``open()`` (0666 minus the umask), so a server under another user can read them.
 * **No checkpoint of broken weights.** ``save`` refuses (``FloatingPointError``) to write
   weights that contain NaN/Inf, so a run that diverges keeps its last good checkpoint as the one
   ``--resume`` picks up. "Last good" is stricter than finite: a checkpoint whose parameters
-  exceed ``max_abs_weight`` (default 1e4; healthy detectors stay below ~100, diverging ones
-  reach 1e13) is written but not tagged as ``last_checkpoint``; with
+  exceed ``max_abs_weight`` is written but not tagged as ``last_checkpoint``; with
   ``confirm_with_next_loss=True`` (the Trainer's) a checkpoint is tagged only once the loss
   computed on its weights, at the next iteration, is finite and not exploding
   (:meth:`SafeDetectionCheckpointer.judge_pending`): weights can be small yet already give a
   loss 1000x the previous ones, the step before NaN.
-* **Files are readable like any other.** Temporary files are created with the permissions of
-  ``open()`` (0666 minus the umask), not ``mkstemp``'s 0600, so that a serving process under
-  another user can read the checkpoints.
 * **Loading does not run code from the file.** ``.pth``/``.pyth`` files are read with
   ``torch.load(weights_only=True)`` (fvcore calls ``torch.load`` without it, which falls back to
   full unpickling when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set or on older PyTorch).
@@ -30,31 +28,25 @@ Checkpoints that survive a kill and files that stay data.
   it turns on full unpickling for ``.pkl`` and ``.pth`` alike. A file that is not a checkpoint
   at all (empty, truncated, a list, a Git LFS pointer) raises :class:`CheckpointFormatError`
   naming the file, not an unpickling or "unsafe" error.
-
-``download_verified`` is the hash-checked download for model-zoo files.
 """
 import collections
-import hashlib
 import logging
 import math
 import os
 import pickle
-import secrets
 import statistics
-import urllib.request
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from ..utils.files import atomic_open
+
 __all__ = [
     "CheckpointFormatError",
     "SafeDetectionCheckpointer",
     "UnsafeCheckpointError",
-    "atomic_write_bytes",
-    "download_verified",
     "restricted_pickle_load",
-    "sha256_of_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,59 +66,6 @@ def _not_a_checkpoint(filename, why):
         "copy or download), or another kind of file. Copy or download it again; a checkpoint "
         "of focal_det/detectron2 is a torch.save of {'model': state_dict, ...}."
     )
-
-
-def _fsync_dir(path):
-    # Make the rename itself durable (POSIX); not available on every OS/filesystem.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _create_temp_file(folder, prefix, suffix):
-    # os.open with mode 0o666 lets the kernel apply the umask, exactly as open() does;
-    # tempfile.mkstemp would force 0600, unreadable by a server running as another user.
-    for _ in range(100):
-        path = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"Could not create a temporary file {prefix}*{suffix} in {folder}")
-
-
-def atomic_write_bytes(path, write_fn):
-    """
-    Write a file so that readers see either its old content or the complete new one.
-
-    Args:
-        path (str): final local path.
-        write_fn (callable): called with a binary file object to write the content.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = _create_temp_file(folder, "." + os.path.basename(path) + ".", ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: never leave a half-written temp file behind.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
 
 
 # Globals a Detectron/detectron2 model-zoo .pkl needs: numpy arrays, numpy scalars, dtypes and
@@ -164,46 +103,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def restricted_pickle_load(f, source="<stream>", encoding="latin1"):
     """``pickle.load`` that only rebuilds numpy arrays and plain Python containers."""
     return _RestrictedUnpickler(f, source, encoding=encoding).load()
-
-
-def sha256_of_file(path, chunk_size=1 << 20):
-    """Hex SHA-256 of a file, read in chunks (checkpoints are too large to read at once)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_verified(url, dst, sha256, *, timeout=60):
-    """
-    Download ``url`` to ``dst`` only if its SHA-256 equals ``sha256``.
-
-    The file is streamed into a temporary file next to ``dst``, hashed while downloading, and
-    moved into place only when the hash matches; a mismatch raises ``ValueError`` and leaves no
-    file. An existing ``dst`` with the right hash is reused; one with a wrong hash is replaced.
-
-    Returns:
-        str: ``dst``.
-    """
-    sha256 = sha256.lower()
-    if os.path.isfile(dst) and sha256_of_file(dst) == sha256:
-        return dst
-    h = hashlib.sha256()
-
-    def write(f):
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            for block in iter(lambda: r.read(1 << 20), b""):
-                h.update(block)
-                f.write(block)
-        if h.hexdigest() != sha256:
-            raise ValueError(
-                f"Download of {url} has sha256 {h.hexdigest()}, expected {sha256}. The file was "
-                "not kept: it is corrupt, truncated, or not the file the model zoo lists."
-            )
-
-    atomic_write_bytes(dst, write)
-    return dst
 
 
 def _non_finite_tensors(state_dict):
@@ -251,6 +150,24 @@ def _check_not_empty_or_pointer(filename):
         )
 
 
+class _AtomicWrites:
+    """
+    A checkpointer's ``path_manager`` (detectron2's PathManager) whose ``open`` for writing is
+    :func:`atomic_open`; every other call goes to the wrapped one.
+    """
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def open(self, path, mode="r", **kwargs):
+        if mode in ("w", "wb"):
+            return atomic_open(self._path_manager.get_local_path(path), mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._path_manager, name)
+
+
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """
     :class:`DetectionCheckpointer` with atomic saves, a refusal to save non-finite weights,
@@ -268,6 +185,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 Trainer calls it after every iteration) or :meth:`confirm_pending` is called.
         """
         super().__init__(model, save_dir, **kwargs)
+        # fvcore's save / tag_last_checkpoint write through it: the smallest hook for atomicity.
+        self.path_manager = _AtomicWrites(self.path_manager)
         if trust_pickle is None:
             trust_pickle = os.environ.get("FOCAL_TRUST_PICKLE", "0") == "1"
         self.trust_pickle = trust_pickle
@@ -276,12 +195,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         self._refuse_reason = None
         self._cleaned = False
         self._pending = None  # basename saved, waiting for the loss on its weights
+        self._tag_saved = None  # during save: how tag_last_checkpoint treats the new file
         self._recent_losses = collections.deque(maxlen=_LOSS_WINDOW)
         self.last_incompatible = None  # missing / unexpected / mis-shaped keys of the last load
         self._current_file = None
 
     def _remove_stale_temp_files(self):
-        # A run killed inside atomic_write_bytes leaves its ".<name>.<random>.tmp" behind (never
+        # A run killed inside atomic_open leaves its ".<name>.<random>.tmp" behind (never
         # under the final name). The first save of the next run removes them: only the main
         # process of one run writes to a save_dir.
         folder = PathManager.get_local_path(self.save_dir)
@@ -341,11 +261,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if self._refuse_reason is not None:
             self.logger.warning(f"Not saving checkpoint '{name}': {self._refuse_reason}")
             return
-        data = {"model": self.model.state_dict()}
-        bad = _non_finite_tensors(data["model"])
+        state = self.model.state_dict()
+        bad = _non_finite_tensors(state)
         if bad:
             last = self._last_good()
             self.refuse_saves(f"the weights became non-finite ({bad[:3]})")
+            # Weights, not a loss (no NonFiniteLossError): the Trainer's loss check stops a run
+            # first; this is the last line for any other caller, with the same advice.
             raise FloatingPointError(
                 f"Not saving checkpoint '{name}': {len(bad)} weight tensor(s) contain NaN/Inf "
                 f"(first: {bad[:3]}). The training diverged; the last good checkpoint is "
@@ -354,36 +276,31 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 "--resume (the changed SOLVER values apply from that checkpoint on), or start "
                 f"from its weights with MODEL.WEIGHTS {last} and no --resume."
             )
-        big = _largest_parameters(self.model, data["model"], self.max_abs_weight)
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-
+        big = _largest_parameters(self.model, state, self.max_abs_weight)
         if not self._cleaned:
             self._remove_stale_temp_files()
             self._cleaned = True
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        assert os.path.basename(save_file) == basename, basename
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        local = PathManager.get_local_path(save_file)
-        atomic_write_bytes(local, lambda f: torch.save(data, f))
+        # fvcore's save writes the file, then calls tag_last_checkpoint for it: whether it
+        # becomes "last" now, later (judge_pending) or never is decided there.
+        self._tag_saved = "never" if big else "pending" if self.confirm_with_next_loss else "now"
+        try:
+            super().save(name, **kwargs)
+        finally:
+            self._tag_saved = None
         if big:
-            self._pending = None
             self.logger.warning(
-                f"Checkpoint {basename} is not marked as the last good one: {len(big)} "
+                f"Checkpoint {name}.pth is not marked as the last good one: {len(big)} "
                 f"parameter(s) exceed |w| = {self.max_abs_weight:g} (largest: {big[0][0]} "
                 f"{big[0][1]:.3g}), the training is diverging. --resume would start from "
                 f"{self._last_good()}."
             )
-        elif self.confirm_with_next_loss:
-            self._pending = basename
-        else:
-            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
-        local = PathManager.get_local_path(os.path.join(self.save_dir, "last_checkpoint"))
-        atomic_write_bytes(local, lambda f: f.write(last_filename_basename.encode()))
+        when, self._tag_saved = self._tag_saved, None
+        if when in ("never", "pending"):
+            self._pending = last_filename_basename if when == "pending" else None
+            return
+        super().tag_last_checkpoint(last_filename_basename)
 
     # ---- loading ------------------------------------------------------------------------
     def _torch_load(self, f):
@@ -425,6 +342,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return self.last_incompatible
 
     def _load_file(self, filename):
+        # detectron2's _load_file calls pickle.load / torch.load inline (no hook for the loader):
+        # its .pkl / .pyth handling is restated around the safe loaders; .pth is detectron2's.
         self._current_file = filename
         if filename.endswith(".pkl") and self.trust_pickle:
             return super()._load_file(filename)
@@ -461,42 +380,3 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             return {"model": model_state, "__author__": "pycls", "matching_heuristics": True}
         # .pth and anything else: detectron2's own handling, which calls self._torch_load.
         return super()._load_file(filename)
-
-
-def missing_weights(model, incompatible):
-    """
-    What a load left uninitialised: ``{group: (missing, total, [names])}`` with ``group`` the
-    first component of the parameter name ("head", "backbone", ...); mis-shaped tensors, which
-    fvcore skips, count as missing.
-    """
-    keys = list(model.state_dict().keys())
-    lost = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
-    out = {}
-    for k in keys:
-        group = k.split(".")[0]
-        n_lost, total, names = out.get(group, (0, 0, []))
-        if k in lost:
-            n_lost += 1
-            names = names + [k]
-        out[group] = (n_lost, total + 1, names)
-    return out
-
-
-def weights_problem(model, incompatible, head_prefix="head"):
-    """
-    None if the loaded weights cover the model; else a sentence saying what is missing: any
-    tensor of the head, or more than half of all tensors (a checkpoint of another model, an
-    empty dict), leaves a model whose predictions are those of random layers.
-    """
-    groups = missing_weights(model, incompatible)
-    n_lost = sum(g[0] for g in groups.values())
-    n_all = sum(g[1] for g in groups.values())
-    head_lost = groups.get(head_prefix, (0, 0, []))[0]
-    if not head_lost and n_lost * 2 <= n_all:
-        return None
-    parts = [
-        f"{lost} of {total} '{name}' tensors ({', '.join(names[:4])}{', ...' if lost > 4 else ''})"
-        for name, (lost, total, names) in groups.items()
-        if lost
-    ]
-    return f"{n_lost} of the model's {n_all} weight tensors are not in it: " + "; ".join(parts)

