@@ -13,7 +13,9 @@ detections out.
 patterns. The config defaults to the ``config.yaml`` that training (or the export tool) saved
 next to ``--weights``.
 Images are processed at the config's test size (the demo config: longest side 256 px, the 0.64
-scale of its 400 px training tiles; override INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST for other sizes).
+scale of its 400 px tiles at NEON's 10 cm/pixel; its anchors are 16-406 px at that size, for
+crowns of ~8-100 px; keep the scale for larger images, e.g. INPUT.MIN_SIZE_TEST 640
+INPUT.MAX_SIZE_TEST 640 for 1000 px tiles). The demo model's measured val AP: docs/demo.md.
 Writes ``<output>/<image name>.png`` (detections with score >= --confidence-threshold drawn) and
 ``<output>/detections.json``. An image that cannot be read is skipped with a warning (listed
 under "skipped" in the JSON); 16-bit grayscale images are scaled to 8 bits.
