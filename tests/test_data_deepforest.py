@@ -209,6 +209,19 @@ def test_registered_split_loads_through_detectron2_mapper(built):
         df.register_deepforest_trees()  # back to the default registration
 
 
+def test_train_net_loads_the_splits_from_an_empty_datasets_folder(tmp_path):
+    """train_net.py's loaders (missing-file check included) build the dataset on first use."""
+    from focal_det.data.sanitize import load_dataset_dicts
+
+    try:
+        df.register_deepforest_trees(tmp_path, sources={"OSBS_029": "train"})
+        assert not (tmp_path / "deepforest_trees").exists()
+        dicts = load_dataset_dicts(["deepforest_trees_train"], filter_empty=False)
+        assert len(dicts) == 1 and (tmp_path / "deepforest_trees" / "build_info.json").is_file()
+    finally:
+        df.register_deepforest_trees()  # back to the default registration
+
+
 def test_wheel_hash_mismatch_is_refused(tmp_path, monkeypatch):
     def fake_pip(cmd, **kwargs):  # "downloads" a file that is not the pinned release
         dest = cmd[cmd.index("-d") + 1]

@@ -79,8 +79,14 @@ def missing_dataset_files_message(name, json_file=None, image_root=None):
 
 
 def check_dataset_files(name):
-    """Raise FileNotFoundError (missing_dataset_files_message) if ``name``'s files are absent."""
+    """
+    Raise FileNotFoundError (missing_dataset_files_message) if ``name``'s files are absent.
+    A dataset whose metadata says ``builds_on_load=True`` (the demo's) is skipped: its
+    DatasetCatalog loader writes those files.
+    """
     meta = MetadataCatalog.get(name)
+    if meta.get("builds_on_load", False):
+        return
     json_file = meta.get("json_file", None)
     image_root = meta.get("image_root", None)
     if (json_file and not os.path.isfile(json_file)) or (

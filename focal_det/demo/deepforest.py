@@ -330,4 +330,5 @@ def register_deepforest_trees(root=None, sources=None, **params):
             image_root=str(out_dir / "images"),
             evaluator_type="coco",
             thing_classes=[c["name"] for c in CATEGORIES],
+            builds_on_load=True,  # focal_det.data.sanitize.check_dataset_files: not missing
         )
