@@ -136,14 +136,29 @@ def test_run_table_runs_resumes_and_records_failures(tmp_path, capsys):
     md = (tmp_path / "t.md").read_text()
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| 0.")}
     assert len(lines) == 7
-    # alpha .75: AP = 75 (seed 0) and 76 (seed 1) -> mean 75.5; paper 31.1 / 49.4 / 33.0
+    # alpha .75: AP = 75 (seed 0) and 76 (seed 1) -> mean 75.5, sample std sqrt(0.5) = 0.71, n 2;
+    # beside the paper's 31.1 / 49.4 / 33.0
     cells = [c.strip() for c in lines["0.75"].split("|")[1:-1]]
-    assert cells == ["0.75", "75.5", "52.5", "36.5", "75.0 / 76.0", "31.1", "49.4", "33"]
-    assert "failed" in lines["0.1"] and "FloatingPointError" in md
-    assert "0.0* / 0.0*" in lines["0.25"] and "no detection above" in md
+    assert cells == ["0.75", "75.5", "0.7", "2", "52.5", "36.5",
+                     "s0 75.0 / 52.5 / 36.5; s1 76.0 / 52.5 / 36.5", "31.1", "49.4", "33"]
+    cells = [c.strip() for c in lines["0.1"].split("|")[1:-1]]
+    assert cells[1:7] == ["failed", "-", "0", "failed", "failed", "s0 failed; s1 failed"]
+    assert "FloatingPointError" in md
+    # no detection: counted as AP 0 and marked, in the mean and in each seed
+    cells = [c.strip() for c in lines["0.25"].split("|")[1:-1]]
+    assert cells[1:4] == ["0.0*", "0.0", "2"] and cells[6].count("0.0 / 0.0 / 0.0*") == 2
+    assert "no detection above" in md
     data = json.loads((root / "demo" / "table1a.json").read_text())
-    assert data["rows"][0]["runs"][0]["state"] == "failed"
+    assert data["rows"][0]["runs"][0]["state"] == "failed" and data["rows"][0]["n"] == 0
     assert data["rows"][3]["runs"][1]["metrics"]["AP"] == 76.0
+    row = data["rows"][3]
+    assert row["n"] == 2 and row["ours_mean"]["AP"] == 75.5 and row["ours_std"]["AP50"] == 0.0
+    assert row["ours_std"]["AP"] == pytest.approx(0.5**0.5)
+    assert [(x["seed"], x["AP"], x["AP75"]) for x in row["ours_seeds"]] == [
+        (0, 75.0, 36.5), (1, 76.0, 36.5)
+    ]  # fmt: skip
+    assert [x["no_detections"] for x in data["rows"][1]["ours_seeds"]] == [True, True]
+    assert row["val_AP"] is None  # the fake run evaluates only at the end
     # Each run records the code it trained with; the table names it.
     version = rt.code_version()
     assert version["commit"] and data["rows"][3]["runs"][0]["commit"] == version["commit"]
@@ -180,7 +195,8 @@ def test_unknown_demo_config_choice_is_a_clear_error(tmp_path, capsys, monkeypat
 def test_help_runs():
     import subprocess
 
-    for tool in ("run_table", "plot_loss_curves", "loss_cdf", "plot_speed_accuracy"):
+    for tool in ("run_table", "paper_claims", "plot_loss_curves", "loss_cdf",
+                 "plot_speed_accuracy"):
         r = subprocess.run(
             [sys.executable, os.path.join(REPO, "tools", tool + ".py"), "--help"],
             capture_output=True, text=True, timeout=120,
@@ -282,8 +298,29 @@ def test_training_curves_read_detectron2_metrics_json(tmp_path):
     ]  # fmt: skip
     drawn = rt.plot_curves("1a", summary, str(tmp_path / "c.png"))
     # the pending run is not drawn; the failed one up to its last finite value
-    assert drawn == {"alpha 0.75, seed 0": 3, "alpha 0.1, seed 0": 1}
+    assert drawn == {"loss_cls": {"alpha 0.75, seed 0": 3, "alpha 0.1, seed 0": 1}, "val_AP": {}}
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_val_ap_curve_is_the_mean_over_seeds_of_the_periodic_evaluations(tmp_path):
+    # detectron2's EvalHook writes "bbox/AP" at each TEST.EVAL_PERIOD; NaN = no detection (0).
+    evals = {0: [(199, 2.0), (399, 6.0), (599, 7.0)], 1: [(199, float("nan")), (399, 4.0)]}
+    runs = []
+    for seed, points in evals.items():
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        lines = [json.dumps({"iteration": 19, "loss_cls": 1.0})]
+        lines += [json.dumps({"iteration": i, "bbox/AP": v, "bbox/AP50": 9.0}) for i, v in points]
+        (d / "metrics.json").write_text("\n".join(lines) + "\n")
+        runs.append({"seed": seed, "state": "done", "output_dir": str(d)})
+    curve = rt.val_ap_curve(runs)
+    # only the iterations both seeds evaluated at (seed 1 stopped earlier)
+    assert curve == {"iterations": [199, 399], "mean": [1.0, 5.0],
+                     "seeds": {"0": [2.0, 6.0], "1": [0.0, 4.0]}}  # fmt: skip
+    assert rt.val_ap_curve(runs[:0]) is None
+    summary = [{"setting": {"alpha": 0.75}, "runs": runs, "val_AP": curve}]
+    drawn = rt.plot_curves("1a", summary, str(tmp_path / "c.png"))
+    assert drawn["val_AP"] == {"alpha 0.75": 2} and len(drawn["loss_cls"]) == 2
 
 
 def test_a_long_failure_message_is_cut_at_a_sentence_and_marked(tmp_path):

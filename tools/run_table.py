@@ -30,9 +30,13 @@ merged config equals a finished run of another row (same scale, same seed) reuse
 demo scale, Table 1d's FL row is Table 1b's gamma-2 row and Table 1e's 600 px row is the demo
 config itself.
 
-Writes ``<output-root>/<scale>/table<T>.md`` (and ``--markdown PATH``), ``table<T>.json`` and
-``table<T>.png`` (the paper's AP and ours per row, side by side) and ``table<T>_curves.png``
-(each run's training loss vs iteration); the PNGs are copied next to ``--markdown`` too.
+Writes ``<output-root>/<scale>/table<T>.md`` (and ``--markdown PATH``): per row our mean AP /
+AP50 / AP75 over the finished seeds, the sample std of AP, n and every seed's numbers, beside the
+paper's; ``table<T>.json`` (the same, with the std of every metric and each row's val AP curve;
+``tools/paper_claims.py`` reads it), ``table<T>.png`` (the paper's AP and ours per row, seeds as
+dots) and ``table<T>_curves.png`` (each run's training loss vs iteration and, when the runs
+evaluated during training (``TEST.EVAL_PERIOD``), each row's val AP vs iteration); the PNGs are
+copied next to ``--markdown`` too.
 """
 
 import argparse
@@ -546,7 +550,12 @@ def _ap_value(state: Dict, metric: str) -> float:
 
 
 def summarize(table: str, runs: List[Run]) -> List[Dict]:
-    """One dict per paper row: settings, paper metrics, our per-seed metrics and their mean."""
+    """
+    One dict per paper row: settings, the paper's metrics, every run's state, and over the
+    finished seeds: ``n``, ``ours_mean``, ``ours_std`` (sample std, n - 1; None with one seed),
+    ``ours_seeds`` (each seed's AP / AP50 / AP75, 0 where it detected nothing) and ``val_AP``
+    (the periodic evaluations' AP vs iteration, see :func:`val_ap_curve`).
+    """
     out, by_row = [], {}
     for r in runs:
         by_row.setdefault(r.row.config, []).append(r)
@@ -563,19 +572,42 @@ def summarize(table: str, runs: List[Run]) -> List[Dict]:
             # detectron2's COCO evaluator reports NaN when the model output no detection above
             # the test score threshold; COCO AP is then 0 (nothing found), counted as such.
             s["no_detections"] = all(math.isnan(s["metrics"].get(m, math.nan)) for m in METRICS)
-        mean = {
-            m: statistics.mean(_ap_value(s, m) for s in done) if done else None for m in METRICS
-        }
+        values = {m: [_ap_value(s, m) for s in done] for m in METRICS}
         out.append(
             {
                 "config": os.path.relpath(config, REPO),
                 "setting": row.setting,
                 "paper": {m: row.paper[m] for m in METRICS},
-                "ours_mean": mean,
+                "n": len(done),
+                "ours_mean": {m: statistics.mean(v) if v else None for m, v in values.items()},
+                "ours_std": {
+                    m: statistics.stdev(v) if len(v) > 1 else None for m, v in values.items()
+                },
+                "ours_seeds": [
+                    {"seed": s["seed"], **{m: _ap_value(s, m) for m in METRICS},
+                     "no_detections": s["no_detections"]}
+                    for s in done
+                ],  # fmt: skip
+                "val_AP": val_ap_curve(done),
                 "runs": seeds,
             }
         )
     return out
+
+
+def _seeds_cell(s: Dict) -> str:
+    """Each seed's AP / AP50 / AP75 ("s1 6.0 / 24.1 / 0.8"), or its state when it has none."""
+    parts = []
+    results = {x["seed"]: x for x in s["ours_seeds"]}
+    for r in s["runs"]:
+        if r["seed"] in results:
+            x = results[r["seed"]]
+            star = "*" if x["no_detections"] else ""
+            parts.append(f"s{r['seed']} " + " / ".join(f"{x[m]:.1f}" for m in METRICS) + star)
+        elif r["state"] != "pending" or not results:
+            # A seed not run yet is left out once another seed of the row has a result.
+            parts.append(f"s{r['seed']} " + ("not run" if r["state"] == "pending" else r["state"]))
+    return "; ".join(parts)
 
 
 def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") -> str:
@@ -583,7 +615,10 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
 
     paper = get_paper_table(table)
     cols = list(paper.setting)
-    head = cols + [f"ours {m}" for m in METRICS] + ["AP per seed"] + [f"paper {m}" for m in METRICS]
+    head = (
+        cols + ["ours AP", "AP std", "n", "ours AP50", "ours AP75", "per seed: AP / AP50 / AP75"]
+        + [f"paper {m}" for m in METRICS]
+    )  # fmt: skip
     lines = [
         f"Table {table} ({paper.caption}); ours at scale `{scale}`{title_note}.",
         "",
@@ -593,28 +628,20 @@ def markdown(table: str, scale: str, summary: List[Dict], title_note: str = "") 
     for s in summary:
         cells = [_cell(s["setting"][c]) for c in cols]
         states = [r["state"] for r in s["runs"]]
-        if s["ours_mean"]["AP"] is not None:
-            cells += [f"{s['ours_mean'][m]:.1f}" for m in METRICS]
-        elif "skipped" in states:
-            cells += ["n/a"] * len(METRICS)
-        elif "failed" in states:
-            cells += ["failed"] * len(METRICS)
-        elif "stale" in states:
-            cells += ["stale"] * len(METRICS)
+        if s["n"]:
+            star = "*" if any(x["no_detections"] for x in s["ours_seeds"]) else ""
+            mean, std = s["ours_mean"], s["ours_std"]["AP"]
+            cells += [f"{mean['AP']:.1f}{star}", "-" if std is None else f"{std:.1f}",
+                      str(s["n"]), f"{mean['AP50']:.1f}{star}", f"{mean['AP75']:.1f}{star}"]
         else:
-            cells += ["not run"] * len(METRICS)
-        per_seed = []
-        for r in s["runs"]:
-            if r["state"] == "done":
-                per_seed.append(f"{_ap_value(r, 'AP'):.1f}" + ("*" if r["no_detections"] else ""))
-            elif r["state"] != "pending" or s["ours_mean"]["AP"] is None:
-                # A seed not run yet is left out once another seed of the row has a result.
-                per_seed.append("not run" if r["state"] == "pending" else r["state"])
-        cells.append(" / ".join(per_seed))
+            what = next((w for w in ("skipped", "failed", "stale") if w in states), "not run")
+            what = "n/a" if what == "skipped" else what
+            cells += [what, "-", "0", what, what]
+        cells.append(_seeds_cell(s))
         cells += [_cell(s["paper"][m]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = []
-    if any(r.get("no_detections") for s in summary for r in s["runs"]):
+    notes = ["- ours: mean over the n finished seeds; AP std: their sample std (n - 1)"]
+    if any(x["no_detections"] for s in summary for x in s["ours_seeds"]):
         notes.append(
             "- \\* no detection above the test score threshold (COCO AP undefined; counted as 0)"
         )
@@ -681,7 +708,7 @@ def plot_table(table: str, scale: str, summary: List[Dict], path: str) -> Dict:
     labels = [_row_label(cols, s["setting"], "\n") for s in summary]
     paper = [s["paper"]["AP"] for s in summary]
     ours = [s["ours_mean"]["AP"] for s in summary]
-    seeds = [[_ap_value(r, "AP") for r in s["runs"] if r["state"] == "done"] for s in summary]
+    seeds = [[x["AP"] for x in s["ours_seeds"]] for s in summary]
     xs = list(range(len(summary)))
     fig, (ax_p, ax_o) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(xs) * 2), 4))
     ax_p.bar(xs, paper, color="0.6")
@@ -724,12 +751,40 @@ def read_curve(output_dir: str, key: str = "loss_cls") -> Tuple[List[int], List[
     return its, vals
 
 
-def plot_curves(table: str, summary: List[Dict], path: str) -> Dict[str, int]:
+VAL_AP_KEY = "bbox/AP"  # what detectron2's EvalHook puts into metrics.json (TEST.EVAL_PERIOD)
+
+
+def val_ap_curve(runs: List[Dict]) -> Optional[Dict]:
     """
-    The training loss (``loss_cls``, as logged: normalised by the foreground count) of every run
-    of the table against the iteration, one line per run, a cross where a run failed; shows
-    *when* each setting starts to learn, which the final AP alone does not. Returns the number
-    of points drawn per run label.
+    The periodic evaluations' AP of a row's finished ``runs`` (summary dicts with
+    "seed" and "output_dir"): {"iterations", "mean", "seeds": {seed: values}} on the iterations
+    that every seed evaluated at, NaN (no detection) counted as 0 as in the table; None when no
+    run evaluated during training.
+    """
+    curves = {}
+    for r in runs:
+        its, vals = read_curve(r["output_dir"], VAL_AP_KEY)
+        if its:
+            curves[r["seed"]] = dict(zip(its, (0.0 if math.isnan(v) else v for v in vals)))
+    if not curves:
+        return None
+    common = sorted(set.intersection(*(set(c) for c in curves.values())))
+    return {
+        "iterations": common,
+        "mean": [statistics.mean(c[i] for c in curves.values()) for i in common],
+        "seeds": {str(k): [c[i] for i in common] for k, c in curves.items()},
+    }
+
+
+def plot_curves(table: str, summary: List[Dict], path: str) -> Dict[str, Dict]:
+    """
+    Left: the training loss (``loss_cls``, as logged: normalised by the foreground count) of
+    every run of the table against the iteration, one line per run, a cross where a run failed;
+    shows *when* each setting starts to learn, which the final AP alone does not. Right, when
+    the runs evaluated during training (TEST.EVAL_PERIOD): each row's val AP against the
+    iteration, the mean over its finished seeds bold, the seeds thin; shows whether the
+    schedule was long enough (where AP stops rising). Returns the number of points drawn:
+    {"loss_cls": {run label: n}, "val_AP": {row label: n}}.
     """
     import matplotlib
 
@@ -739,8 +794,10 @@ def plot_curves(table: str, summary: List[Dict], path: str) -> Dict[str, int]:
     from focal_det.paper_tables import get_paper_table
 
     cols = list(get_paper_table(table).setting)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    drawn = {}
+    with_ap = [s for s in summary if s.get("val_AP")]
+    fig, axes = plt.subplots(1, 2 if with_ap else 1, figsize=(15 if with_ap else 8, 4.5))
+    ax, ax_ap = (axes[0], axes[1]) if with_ap else (axes, None)
+    drawn = {"loss_cls": {}, "val_AP": {}}
     cmap = plt.get_cmap("tab10")
     for k, s in enumerate(summary):
         name = _row_label(cols, s["setting"], ", ")
@@ -757,15 +814,30 @@ def plot_curves(table: str, summary: List[Dict], path: str) -> Dict[str, int]:
                     label=label + (" (failed)" if r["state"] == "failed" else ""), linewidth=1)
             if r["state"] == "failed" and finite:
                 ax.plot(*finite[-1], "x", color=cmap(k % 10), markersize=9)
-            drawn[label] = len(finite)
+            drawn["loss_cls"][label] = len(finite)
+        curve = s.get("val_AP")
+        if ax_ap is not None and curve:
+            for values in curve["seeds"].values():
+                ax_ap.plot(curve["iterations"], values, color=cmap(k % 10), linewidth=0.6,
+                           alpha=0.5)  # fmt: skip
+            ax_ap.plot(curve["iterations"], curve["mean"], "o-", color=cmap(k % 10), linewidth=2,
+                       markersize=3, label=f"{name} (mean of {len(curve['seeds'])})")  # fmt: skip
+            drawn["val_AP"][name] = len(curve["mean"])
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss_cls (normalised by # foreground anchors), log scale")
     ax.set_title(f"Table {table}: classification loss during training (not comparable across "
                  "losses, only its shape)", fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3)
-    if drawn:
+    if drawn["loss_cls"]:
         ax.legend(fontsize=6, ncol=2)
+    if ax_ap is not None:
+        ax_ap.set_xlabel("iteration")
+        ax_ap.set_ylabel("val AP")
+        ax_ap.set_title(f"Table {table}: val AP during training (bold: mean over seeds; thin: "
+                        "seeds)", fontsize=9)  # fmt: skip
+        ax_ap.grid(alpha=0.3)
+        ax_ap.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
