@@ -57,7 +57,7 @@ collect() {
 }
 # Build (or reuse) the dataset once, before the queues: train_net.py checks that a dataset's
 # files exist before it would build them.
-$PY -m focal_det.data
+$PY -m focal_det.demo --dataset-only
 if [ "$JOBS" -ge 2 ]; then
   mkdir -p "$ROOT"
   queue_a > "$ROOT.queue_a.log" 2>&1 &
