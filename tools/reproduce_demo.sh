@@ -50,14 +50,16 @@ QUEUE="
 1d 0 ohem_b256_nms0.7
 1b 0 gamma1.0
 1b 0 gamma5.0
-1b 0 gamma0.5_
-1a 0 alpha0.50
-1a 0 alpha0.90
-1a 0 alpha0.999
 @best 1d ohem 1
 @best 1d ohem 2
 @best 3 flstar 1
 @best 3 flstar 2
+1b 0 gamma0.5_
+1a 0 alpha0.50
+1a 0 alpha0.90
+1a 0 alpha0.999
+1e 0 R_50_FPN_500
+1e 0 R_50_FPN_400
 1b 1 gamma1.0
 1b 1 gamma5.0
 1b 2 gamma1.0
@@ -71,8 +73,6 @@ QUEUE="
 1d 0 ohem_b512_nms0.5
 1d 0 ohem13_b256
 1b 0 gamma0.0_
-1e 0 R_50_FPN_400
-1e 0 R_50_FPN_500
 1e 0 R_50_FPN_700
 1e 0 R_50_FPN_800
 "
