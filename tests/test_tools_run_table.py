@@ -328,3 +328,20 @@ def test_a_long_failure_message_is_cut_at_a_sentence_and_marked(tmp_path):
     (tmp_path / "stdout.txt").write_text("noise\n" + first + " Hint " + "x" * 400 + ". More.\n")
     reason = rt._failure_reason(str(tmp_path), str(tmp_path / "stdout.txt"))
     assert reason == first + " [...]"
+
+
+def test_configs_that_differ_only_in_the_last_bit_of_a_float_are_one_experiment():
+    # The demo YAML writes its 3-scale anchors as 2 ** (4 + 1/3) etc.; Table 1c's mapping computes
+    # 16 * 2 ** (1/3): one float32 anchor, two float64 spellings. The 3 x 3 row is the demo config.
+    yaml_sizes = [[16.0, 2 ** (4 + 1 / 3), 2 ** (4 + 2 / 3)]]
+    mapped_sizes = [[b * 2 ** (i / 3) for i in range(3)] for b in (16.0,)]
+    assert yaml_sizes != mapped_sizes  # the case this is about
+    saved = {"MODEL.ANCHOR_GENERATOR.SIZES": yaml_sizes, "SEED": 0, "MODEL.FOCAL.LOSS.NAME": "a"}
+    assert rt._differing_keys(saved, {**saved, "MODEL.ANCHOR_GENERATOR.SIZES": mapped_sizes}) == []
+    # A real difference (a different anchor, another type, another length) still counts.
+    for other in ([[16.0, 20.16, 2 ** (4 + 2 / 3)]], [[16, 20, 25]], [[16.0, 2 ** (4 + 1 / 3)]]):
+        changed = {**saved, "MODEL.ANCHOR_GENERATOR.SIZES": other}
+        assert rt._differing_keys(saved, changed) == ["MODEL.ANCHOR_GENERATOR.SIZES"]
+    assert rt._differing_keys(saved, {**saved, "MODEL.FOCAL.LOSS.NAME": "b"}) == [
+        "MODEL.FOCAL.LOSS.NAME"
+    ]
