@@ -361,9 +361,9 @@ def _saved_cfg(path: str) -> Tuple[Dict, Optional[int]]:
 
 
 def _same_value(a, b) -> bool:
-    """Config values equal, floats to 1e-12 relative: the same anchor size written as
-    ``16 * 2 ** (1 / 3)`` in a YAML and computed as ``2 ** (1 / 3) * 16`` here differs in the
-    last bit, and both are one float32 anchor."""
+    """Config values equal, floats to 1e-12 relative: the demo YAML's anchor size
+    ``2 ** (4 + 1 / 3)`` and Table 1c's ``16 * 2 ** (1 / 3)`` differ in the last bit, and both
+    are one float32 anchor."""
     if isinstance(a, float) or isinstance(b, float):
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
