@@ -149,6 +149,10 @@ def _gloo_worker(tmp):
     mine = preds[comm.get_rank() :: comm.get_world_size()]
     res = _run(ev, mine)
     torch.save({"res": dict(res), "n": len(mine)}, os.path.join(tmp, f"rank{comm.get_rank()}.pth"))
+    # Leave together and close the group: a rank that exits while gloo's threads are still up
+    # can abort in their destructor ("terminate called without an active exception", SIGABRT).
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
